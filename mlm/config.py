@@ -1,0 +1,238 @@
+"""Typed configs, one frozen class per concern; presets and `--set` overrides.
+
+Resolution order: class defaults <- preset YAML (differences only) <- `--set key=value`.
+Unknown keys are errors. Defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A user mistake in configuration; the message is one line naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(_Section):
+    text_field: str = Field("text", description="Field/column holding the text in .jsonl and .parquet inputs.")
+    seq_len: int = Field(128, ge=8, le=8192, description="Tokens per packed sequence, [CLS] and [SEP] included.")
+    validation_fraction: float = Field(
+        0.05, gt=0.0, lt=0.5, description="Share of documents (chosen by content hash) held out for validation."
+    )
+    rows_per_shard: int = Field(50_000, ge=1, description="Sequences per Parquet shard.")
+    pack_batch_docs: int = Field(
+        1024, ge=1, description="Documents per tokenize/pack batch; only the last sequence of a batch is padded."
+    )
+    min_doc_chars: int = Field(1, ge=1, description="Documents shorter than this (after cleaning) are dropped.")
+    max_bad_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="Fail the job when more than this share of input files is unreadable."
+    )
+
+
+class TokenizerConfig(_Section):
+    path: Optional[str] = Field(None, description="Load this tokenizer directory instead of training one.")
+    kind: Literal["wordpiece"] = Field("wordpiece", description="Tokenizer model trained on the corpus.")
+    vocab_size: int = Field(30_522, ge=64, description="Vocabulary size of a trained tokenizer, specials included.")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a merge/word piece.")
+    lowercase: bool = Field(True, description="Lowercase and strip accents before tokenizing (BERT uncased).")
+    sample_docs: int = Field(200_000, ge=1, description="Documents sampled from the corpus to train the tokenizer.")
+
+
+class MaskingConfig(_Section):
+    strategy: Literal["random"] = Field("random", description="Masking strategy for training shards.")
+    rate: float = Field(0.15, gt=0.0, lt=1.0, description="Share of non-special tokens selected for prediction.")
+    mask_fraction: float = Field(0.8, ge=0.0, le=1.0, description="Of the selected: share replaced by [MASK].")
+    random_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Of the selected: share replaced by a random token.")
+    seed: int = Field(0, description="Seed of the training-shard masking.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "MaskingConfig":
+        if self.mask_fraction + self.random_fraction > 1.0:
+            raise ValueError("masking.mask_fraction + masking.random_fraction must be <= 1")
+        return self
+
+
+class ModelConfig(_Section):
+    architecture: Literal["bert"] = Field("bert", description="Encoder family.")
+    hidden_size: int = Field(768, ge=8, description="Width of the encoder.")
+    num_layers: int = Field(12, ge=1, description="Transformer layers.")
+    num_heads: int = Field(12, ge=1, description="Attention heads; must divide hidden_size.")
+    intermediate_size: int = Field(3072, ge=8, description="Width of the feed-forward block.")
+    max_position_embeddings: int = Field(512, ge=8, description="Longest sequence the model accepts.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Hidden and attention dropout.")
+    init_from: Optional[str] = Field(None, description="Warm-start from this HF model directory.")
+
+    @model_validator(mode="after")
+    def _heads(self) -> "ModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.num_heads ({self.num_heads}) must divide model.hidden_size ({self.hidden_size})")
+        return self
+
+
+class TrainConfig(_Section):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each; one GPU each with use_gpu).")
+    use_gpu: bool = Field(False, description="Train on GPUs with NCCL; otherwise CPU with gloo.")
+    micro_batch_size: int = Field(32, ge=1, description="Sequences per worker per forward pass.")
+    global_batch_size: int = Field(
+        64, ge=1, description="Sequences per optimizer step over all workers; sets gradient accumulation."
+    )
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
+    learning_rate: float = Field(5e-4, gt=0.0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay (not on biases and LayerNorm).")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps, then linear decay to zero.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Max global gradient norm; 0 disables clipping.")
+    log_every: int = Field(10, ge=1, description="Steps between metric logs.")
+    checkpoint_every: int = Field(200, ge=1, description="Steps between checkpoints (one is always written at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints Ray Train keeps.")
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint; -1 is unlimited.")
+    seed: int = Field(0, description="Seed of model init and data order.")
+
+    @model_validator(mode="after")
+    def _batches(self) -> "TrainConfig":
+        per_step = self.micro_batch_size * self.num_workers
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size * train.num_workers ({per_step})"
+            )
+        return self
+
+
+class EvalConfig(_Section):
+    rate: float = Field(0.15, gt=0.0, lt=1.0, description="Masking rate of the fixed evaluation set.")
+    seed: int = Field(1234, description="Seed of the fixed evaluation masking (independent of training).")
+    batch_size: int = Field(64, ge=1, description="Sequences per evaluation batch.")
+
+
+class RegistryConfig(_Section):
+    experiment: str = Field("mlm-pretrain", description="MLflow experiment of the pipeline.")
+    model_name: str = Field("mlm", description="Registered model name.")
+    metric: Literal["top1_accuracy", "top5_accuracy", "loss"] = Field(
+        "top1_accuracy", description="Evaluation metric of the promotion gate (loss: lower is better)."
+    )
+    min_improvement: float = Field(0.0, ge=0.0, description="Margin by which a challenger must beat the champion.")
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    masking: MaskingConfig = MaskingConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+    @model_validator(mode="after")
+    def _cross(self) -> "Config":
+        if self.data.seq_len > self.model.max_position_embeddings:
+            raise ValueError(
+                f"data.seq_len ({self.data.seq_len}) exceeds model.max_position_embeddings "
+                f"({self.model.max_position_embeddings})"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=True)
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value`, for MLflow params."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _read_preset(preset: str) -> dict[str, Any]:
+    path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESETS_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {preset_names()} or a .yaml path")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"preset {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {path} must be a mapping of sections")
+    return data
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"bad override key {dotted!r}: use section.key, e.g. train.max_steps=100")
+    tree.setdefault(parts[0], {})[parts[1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"bad override {item!r}: use key=value, e.g. train.max_steps=100")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _check_keys(tree: dict[str, Any]) -> None:
+    sections = Config.model_fields
+    for section, body in tree.items():
+        if section not in sections:
+            raise ConfigError(f"unknown config section {section!r}; allowed: {', '.join(sections)}")
+        if not isinstance(body, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping")
+        allowed = sections[section].annotation.model_fields  # type: ignore[union-attr]
+        for key in body:
+            if key not in allowed:
+                raise ConfigError(f"unknown config key '{section}.{key}'; allowed: {', '.join(allowed)}")
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    shown = f" (got {value!r})" if loc and not isinstance(value, dict) else ""
+    return f"invalid config {loc or 'value'}: {msg}{shown}" if loc else f"invalid config: {msg}"
+
+
+def build_config(tree: dict[str, Any]) -> Config:
+    _check_keys(tree)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+def load_config(preset: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """defaults <- preset <- overrides, validated."""
+    tree: dict[str, Any] = _read_preset(preset) if preset else {}
+    _check_keys(tree)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set(tree, key, value)
+    return build_config(tree)
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a resolved config (e.g. from a manifest or `train_loop_config`)."""
+    return build_config(d)

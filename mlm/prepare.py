@@ -1,0 +1,240 @@
+"""The data stage: read -> clean -> tokenizer -> tokenize -> pack -> mask -> shards.
+
+Composed from corpus, tokenizer, packing, masking and shards. Tokenizing, packing
+and masking run in one class-based Ray Data stage (the tokenizer is loaded once per
+actor); the driver streams the result into Parquet shards and writes the manifest
+last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mlm import corpus, shards, tokenizer as tok_mod
+from mlm.config import Config
+from mlm.masking import batch_rng, mask_random
+from mlm.packing import pack
+
+log = logging.getLogger(__name__)
+_STATS = "_stats"
+
+
+class TokenizePackMask:
+    """Ray Data stage: a batch of documents -> packed, masked sequences (+ one stats row)."""
+
+    def __init__(self, tokenizer_dir: str, seq_len: int, train_masking: dict, eval_masking: dict):
+        tok = tok_mod.load_tokenizer(tokenizer_dir)
+        self.backend = tok.backend_tokenizer
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        # "[SEP]" typed in a document is text, not a boundary: keeps packing invertible.
+        self.backend.encode_special_tokens = True
+        self.seq_len = seq_len
+        self.cls, self.sep, self.pad, self.mask = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.mask_token_id
+        self.special = np.array(sorted(set(tok.all_special_ids)), np.int32)
+        self.random_ids = np.setdiff1d(np.arange(len(tok), dtype=np.int32), self.special)
+        self.masking = {"train": train_masking, "validation": eval_masking}
+
+    def _encode(self, texts: list[str]) -> list[np.ndarray]:
+        enc = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        return [np.asarray(e.ids, np.int32) for e in enc(texts, add_special_tokens=False)]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        reasons = batch["drop_reason"]
+        counts: Counter = Counter(r for r in reasons.tolist() if r)
+        tables, splits = [], []
+        tokens = {"train": 0, "validation": 0}
+        for split in ("train", "validation"):
+            keep = (reasons == "") & (batch["split"] == split)
+            if not keep.any():
+                continue
+            docs = self._encode(batch["text"][keep].tolist())
+            counts["no_tokens"] += sum(1 for d in docs if len(d) == 0)
+            counts[f"docs_{split}"] += sum(1 for d in docs if len(d))
+            ids, num_tokens = pack(docs, self.seq_len, self.cls, self.sep, self.pad)
+            if not len(ids):
+                continue
+            m = self.masking[split]
+            rng = batch_rng(m["seed"], split.encode(), b"".join(batch["doc_hash"][keep].tolist()))
+            positions = np.arange(self.seq_len)[None, :]
+            maskable = (positions < num_tokens[:, None]) & ~np.isin(ids, self.special)
+            input_ids, labels = mask_random(
+                ids, maskable, rng, rate=m["rate"], mask_fraction=m["mask_fraction"],
+                random_fraction=m["random_fraction"], mask_id=self.mask,
+                random_ids=self.random_ids,
+            )
+            tables.append(shards.to_table(input_ids, labels, num_tokens))
+            splits += [split] * len(ids)
+            tokens[split] += int(num_tokens.sum())
+        # One stats row per batch carries the drop counts to the driver.
+        zero = np.zeros((1, self.seq_len), np.int32)
+        tables.append(shards.to_table(zero, zero, np.zeros(1, np.int32)))
+        splits.append(_STATS)
+        out = pa.concat_tables(tables)
+        stats = json.dumps(dict(counts))
+        return out.append_column("split", pa.array(splits)).append_column(
+            "stats", pa.array([""] * (len(splits) - 1) + [stats])
+        )
+
+
+def _input_fingerprint(files: list[corpus.InputFile], cfg: Config) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.fingerprint):
+        h.update(f.fingerprint.encode())
+    sections = {k: cfg.to_dict()[k] for k in ("data", "tokenizer", "masking", "eval")}
+    h.update(json.dumps(sections, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+_OURS = re.compile(r"^(\.?(train|validation)-\d{5}\.parquet(\.tmp\d+)?|\..*\.tmp\d+|tokenizer(\.tmp\d+)?)$")
+
+
+def _clear_unfinished(out_dir: Path) -> None:
+    """Remove what an interrupted run left (never a dataset: it had no manifest)."""
+    for p in out_dir.iterdir():
+        if _OURS.match(p.name):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _sample_texts(docs, n: int) -> list[str]:
+    kept = docs.filter(lambda r: r["drop_reason"] == "").select_columns(["text"]).limit(n)
+    return [r["text"] for r in kept.iter_rows()]
+
+
+def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: bool = False) -> dict[str, Any]:
+    """Prepare a dataset; returns its manifest. Idempotent for identical inputs and config."""
+    from mlm.runtime import ensure_ray, quiet_ray_data, work_dir
+
+    started = time.time()
+    out_dir = Path(out_dir).resolve()
+    files, skipped = corpus.resolve_inputs(list(inputs), work_dir())
+    n_files = len(files) + sum(len(v) for v in skipped.values())
+    if sum(len(v) for v in skipped.values()) / n_files > cfg.data.max_bad_fraction:
+        raise corpus.InputError(
+            f"{sum(len(v) for v in skipped.values())} of {n_files} input files are unusable "
+            f"(> data.max_bad_fraction={cfg.data.max_bad_fraction}): {skipped}"
+        )
+    fingerprint_inputs = _input_fingerprint(files, cfg)
+    if (out_dir / shards.MANIFEST).exists():
+        existing = shards.read_manifest(out_dir)
+        if existing.get("inputs_fingerprint") == fingerprint_inputs and not shards.verify(out_dir):
+            log.info("dataset in %s is up to date; nothing to do", out_dir)
+            return existing
+        if not overwrite:
+            raise shards.DatasetError(
+                f"{out_dir} already holds a different dataset; use another --out or --overwrite"
+            )
+        (out_dir / shards.MANIFEST).unlink()  # from here on the folder is not a dataset
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clear_unfinished(out_dir)
+
+    ensure_ray()
+    quiet_ray_data()
+    docs = corpus.read_documents(files, cfg.data)
+
+    tok_dir = out_dir / "tokenizer"
+    if cfg.tokenizer.path:
+        tokenizer = tok_mod.load_tokenizer(cfg.tokenizer.path)
+    else:
+        texts = _sample_texts(docs, cfg.tokenizer.sample_docs)
+        if not texts:
+            raise corpus.InputError("empty corpus: no document left after cleaning")
+        tokenizer = tok_mod.train_tokenizer(texts, cfg.tokenizer)
+    tok_mod.save_tokenizer(tokenizer, tok_dir)
+
+    masking = cfg.masking.model_dump()
+    eval_masking = {"rate": cfg.eval.rate, "mask_fraction": 0.8, "random_fraction": 0.1, "seed": cfg.eval.seed}
+    import ray
+
+    sequences = docs.map_batches(
+        TokenizePackMask,
+        fn_constructor_kwargs={
+            "tokenizer_dir": str(tok_dir), "seq_len": cfg.data.seq_len,
+            "train_masking": masking, "eval_masking": eval_masking,
+        },
+        batch_size=cfg.data.pack_batch_docs,
+        batch_format="numpy",
+        concurrency=(1, max(1, int(ray.cluster_resources().get("CPU", 1)))),
+    )
+    writers = {s: shards.ShardWriter(out_dir, s, cfg.data.rows_per_shard) for s in shards.SPLITS}
+    counts: Counter = Counter()
+    token_counts = np.zeros(len(tokenizer), np.int64)
+    special = np.array(sorted(set(tokenizer.all_special_ids)))
+    for batch in sequences.iter_batches(batch_format="pyarrow", batch_size=None):
+        split_col = batch.column("split").to_numpy(zero_copy_only=False)
+        for s in batch.column("stats").to_pylist():
+            if s:
+                counts.update(json.loads(s))
+        for split, writer in writers.items():
+            rows = np.flatnonzero(split_col == split)
+            if not len(rows):
+                continue
+            table = batch.take(pa.array(rows)).select(["input_ids", "labels", "num_tokens"])
+            writer.add(table)
+            if split == "train":  # token frequencies, for the most-frequent-token baseline
+                ids = table.column("input_ids").combine_chunks().values.to_numpy().reshape(len(rows), -1)
+                labels = table.column("labels").combine_chunks().values.to_numpy().reshape(len(rows), -1)
+                original = np.where(labels >= 0, labels, ids)
+                token_counts += np.bincount(original.reshape(-1), minlength=len(token_counts))[: len(token_counts)]
+    split_shards = {s: w.close() for s, w in writers.items()}
+    for split, lst in split_shards.items():
+        if not lst:
+            _clear_unfinished(out_dir)
+            if split == "train":
+                raise corpus.InputError("empty corpus: no tokens left after cleaning")
+            raise corpus.InputError(
+                "no validation documents; add documents or raise data.validation_fraction"
+            )
+    token_counts[special] = 0
+    dropped = {k: v for k, v in counts.items() if v and not k.startswith(("docs_", "_"))}
+    manifest = {
+        "schema_version": shards.SCHEMA_VERSION,
+        "created_unix": int(time.time()),
+        "inputs_fingerprint": fingerprint_inputs,
+        "inputs": [f.to_dict() for f in files],
+        "skipped_files": skipped,
+        "config": {k: cfg.to_dict()[k] for k in ("data", "tokenizer", "masking", "eval")},
+        "tokenizer": {
+            "dir": "tokenizer",
+            "fingerprint": tok_mod.fingerprint(tokenizer),
+            "vocab_size": len(tokenizer),
+            "trained": cfg.tokenizer.path is None,
+        },
+        "schema": shards.schema_doc(cfg.data.seq_len),
+        "seq_len": cfg.data.seq_len,
+        "masking": {"train": masking | {"strategy": cfg.masking.strategy}, "validation": eval_masking | {"strategy": "random"}},
+        "splits": {
+            s: {
+                "shards": lst,
+                "rows": sum(x["rows"] for x in lst),
+                "tokens": sum(x["tokens"] for x in lst),
+                "masked": sum(x["masked"] for x in lst),
+                "documents": counts.get(f"docs_{s}", 0),
+            }
+            for s, lst in split_shards.items()
+        },
+        "documents": {
+            "kept": sum(counts.get(f"docs_{s}", 0) for s in shards.SPLITS),
+            "dropped": dropped,
+            "repaired_invalid_utf8": counts.get("_repaired_utf8", 0),
+        },
+        "most_frequent_token": {"id": int(token_counts.argmax()), "token": tokenizer.convert_ids_to_tokens(int(token_counts.argmax()))},
+        "seconds": round(time.time() - started, 1),
+    }
+    manifest["fingerprint"] = hashlib.sha256(
+        json.dumps([manifest["inputs_fingerprint"], [x["sha256"] for s in split_shards.values() for x in s],
+                    manifest["tokenizer"]["fingerprint"]]).encode()
+    ).hexdigest()[:16]
+    shards.write_manifest(out_dir, manifest)  # last: from now on this folder is a dataset
+    return manifest

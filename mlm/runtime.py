@@ -1,0 +1,58 @@
+"""Embedded defaults: where work goes, which Ray cluster and which MLflow store.
+
+Without configuration: a work folder `./mlm-work` (or $MLM_HOME), a local Ray
+instance bound to loopback, and a SQLite MLflow store in the work folder.
+`RAY_ADDRESS` and `MLFLOW_TRACKING_URI` override the last two.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+
+def work_dir() -> Path:
+    path = Path(os.environ.get("MLM_HOME", "mlm-work")).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{work_dir() / 'mlflow.db'}"
+
+
+def artifact_root() -> str:
+    """Artifact location for new experiments on the embedded store."""
+    return (work_dir() / "mlartifacts").as_uri()
+
+
+def ensure_ray() -> None:
+    """Connect to RAY_ADDRESS, or start a local instance bound to loopback."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+        return
+    # On Linux Ray advertises the machine's routable IP even for a local instance;
+    # this switch makes a local instance use 127.0.0.1 for every service.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+        # Workers inherit the driver's environment so they find the same stores.
+        runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri(), "MLM_HOME": str(work_dir())}},
+    )
+
+
+def quiet_ray_data() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # deterministic output order
+    ctx.enable_progress_bars = os.environ.get("MLM_PROGRESS", "1") != "0"

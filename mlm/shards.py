@@ -1,0 +1,167 @@
+"""Parquet shard writing, the manifest, and verification.
+
+A dataset is a folder with `manifest.json`; shards are written to a temporary name
+and renamed, and the manifest is written last (also by rename), so a folder without
+a manifest, or a shard without an entry in it, is never taken for data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "validation")
+
+
+class DatasetError(ValueError):
+    """Missing manifest, missing or corrupt shard."""
+
+
+def arrow_schema(seq_len: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("input_ids", pa.list_(pa.int32(), seq_len)),
+            pa.field("labels", pa.list_(pa.int32(), seq_len)),
+            pa.field("num_tokens", pa.int32()),
+        ]
+    )
+
+
+def schema_doc(seq_len: int) -> dict[str, Any]:
+    return {
+        "input_ids": f"fixed_size_list<int32>[{seq_len}]: masked token ids ([CLS] ... [SEP] [PAD]...)",
+        "labels": f"fixed_size_list<int32>[{seq_len}]: original id where predicted, -100 elsewhere",
+        "num_tokens": "int32: real tokens in the row; positions >= num_tokens are padding",
+    }
+
+
+def to_table(ids: np.ndarray, labels: np.ndarray, num_tokens: np.ndarray) -> pa.Table:
+    seq_len = ids.shape[1]
+    fixed = lambda a: pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), pa.int32()), seq_len)  # noqa: E731
+    return pa.Table.from_arrays(
+        [fixed(ids), fixed(labels), pa.array(num_tokens, pa.int32())], schema=arrow_schema(seq_len)
+    )
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Buffers rows of one split and writes `{split}-NNNNN.parquet` shards of
+    `rows_per_shard` rows (zstd), each via a temporary name."""
+
+    def __init__(self, out_dir: Path, split: str, rows_per_shard: int):
+        self.out_dir, self.split, self.rows_per_shard = Path(out_dir), split, rows_per_shard
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+        self.shards: list[dict[str, Any]] = []
+
+    def add(self, table: pa.Table) -> None:
+        self.buffer.append(table)
+        self.buffered += table.num_rows
+        while self.buffered >= self.rows_per_shard:
+            self._flush(self.rows_per_shard)
+
+    def close(self) -> list[dict[str, Any]]:
+        if self.buffered:
+            self._flush(self.buffered)
+        return self.shards
+
+    def _flush(self, rows: int) -> None:
+        table = pa.concat_tables(self.buffer).combine_chunks()
+        head, rest = table.slice(0, rows), table.slice(rows)
+        self.buffer, self.buffered = ([rest] if rest.num_rows else []), rest.num_rows
+        name = f"{self.split}-{len(self.shards):05d}.parquet"
+        final = self.out_dir / name
+        tmp = self.out_dir / f".{name}.tmp{os.getpid()}"
+        pq.write_table(head, tmp, compression="zstd", row_group_size=min(rows, 8192))
+        os.replace(tmp, final)
+        labels = head.column("labels").combine_chunks().values.to_numpy()
+        self.shards.append(
+            {
+                "file": name,
+                "rows": head.num_rows,
+                "tokens": int(pc_sum(head.column("num_tokens"))),
+                "masked": int((labels != -100).sum()),
+                "sha256": sha256_file(final),
+            }
+        )
+
+
+def pc_sum(col: pa.ChunkedArray) -> int:
+    import pyarrow.compute as pc
+
+    return pc.sum(col).as_py() or 0
+
+
+def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    blob = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    atomic_write_bytes(Path(out_dir) / MANIFEST, blob)
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    path = Path(data_dir) / MANIFEST
+    if not Path(data_dir).is_dir():
+        raise DatasetError(f"no such dataset directory: {data_dir}")
+    if not path.is_file():
+        raise DatasetError(f"{data_dir} is not a dataset: no {MANIFEST} (an unfinished or foreign folder)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path} is not valid JSON: {e}") from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise DatasetError(f"{path}: schema_version {manifest.get('schema_version')} is not {SCHEMA_VERSION}")
+    return manifest
+
+
+def shard_paths(data_dir: str | Path, split: str, verify: bool = True) -> list[str]:
+    """Absolute paths of a split's shards; with `verify`, sizes and sha256 are checked
+    and a corrupt or missing shard raises an error naming it."""
+    manifest = read_manifest(data_dir)
+    out = []
+    for shard in manifest["splits"][split]["shards"]:
+        path = Path(data_dir) / shard["file"]
+        if not path.is_file():
+            raise DatasetError(f"shard missing: {path}")
+        if verify and sha256_file(path) != shard["sha256"]:
+            raise DatasetError(f"corrupt shard (sha256 mismatch): {path}")
+        out.append(str(path.resolve()))
+    return out
+
+
+def verify(data_dir: str | Path) -> list[str]:
+    """All problems found in a dataset (empty list: it is sound)."""
+    problems = []
+    try:
+        manifest = read_manifest(data_dir)
+    except DatasetError as e:
+        return [str(e)]
+    for split in manifest["splits"]:
+        try:
+            shard_paths(data_dir, split, verify=True)
+        except DatasetError as e:
+            problems.append(str(e))
+    return problems
