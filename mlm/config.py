@@ -84,6 +84,9 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each; one GPU each with use_gpu).")
     use_gpu: bool = Field(False, description="Train on GPUs with NCCL; otherwise CPU with gloo.")
+    cpus_per_worker: Optional[float] = Field(
+        None, gt=0, description="CPUs reserved per worker; default: 1 on GPU, else leave one CPU for Ray Data."
+    )
     micro_batch_size: int = Field(32, ge=1, description="Sequences per worker per forward pass.")
     global_batch_size: int = Field(
         64, ge=1, description="Sequences per optimizer step over all workers; sets gradient accumulation."

@@ -183,8 +183,7 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
             table = batch.take(pa.array(rows)).select(["input_ids", "labels", "num_tokens"])
             writer.add(table)
             if split == "train":  # token frequencies, for the most-frequent-token baseline
-                ids = table.column("input_ids").combine_chunks().values.to_numpy().reshape(len(rows), -1)
-                labels = table.column("labels").combine_chunks().values.to_numpy().reshape(len(rows), -1)
+                ids, labels = shards.column_2d(table, "input_ids"), shards.column_2d(table, "labels")
                 original = np.where(labels >= 0, labels, ids)
                 token_counts += np.bincount(original.reshape(-1), minlength=len(token_counts))[: len(token_counts)]
     split_shards = {s: w.close() for s, w in writers.items()}

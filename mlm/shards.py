@@ -52,6 +52,14 @@ def to_table(ids: np.ndarray, labels: np.ndarray, num_tokens: np.ndarray) -> pa.
     )
 
 
+def column_2d(batch: pa.Table | pa.RecordBatch, name: str) -> np.ndarray:
+    """A fixed-size-list column as an [rows, seq_len] array (slice offsets honoured)."""
+    col = batch.column(name)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return col.flatten().to_numpy().reshape(len(col), -1)
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -99,7 +107,7 @@ class ShardWriter:
         tmp = self.out_dir / f".{name}.tmp{os.getpid()}"
         pq.write_table(head, tmp, compression="zstd", row_group_size=min(rows, 8192))
         os.replace(tmp, final)
-        labels = head.column("labels").combine_chunks().values.to_numpy()
+        labels = column_2d(head, "labels")
         self.shards.append(
             {
                 "file": name,

@@ -8,6 +8,7 @@ loaded with `from_pretrained(dir)`, and the vocabulary size is asserted.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -78,6 +79,8 @@ def load_tokenizer(path: str | Path):
 
 
 def fingerprint(tokenizer) -> str:
-    """Hash of the serialized tokenizer: vocabulary, normalizer and post-processor."""
-    blob = tokenizer.backend_tokenizer.to_str().encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    """Hash of what decides the ids: normalizer, pre-tokenizer and model (vocabulary).
+    Runtime settings (padding, truncation) are left out: they change on reload."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    blob = json.dumps({k: spec.get(k) for k in ("normalizer", "pre_tokenizer", "model")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,100 @@
+"""Held-out metrics on the fixed evaluation set: the validation shards, masked at
+`eval.rate` with `eval.seed` whatever the training masking was.
+
+perplexity = exp(mean cross-entropy over masked positions), as in run_mlm.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlm import shards
+
+
+class EvalError(ValueError):
+    pass
+
+
+def _batches(files: list[str], batch_size: int):
+    import pyarrow.parquet as pq
+
+    for f in files:
+        pf = pq.ParquetFile(f)
+        for batch in pf.iter_batches(batch_size=batch_size):
+            yield batch
+
+
+def evaluate(model: Any, data_dir: str | Path, batch_size: int = 64, max_batches: int | None = None) -> dict[str, Any]:
+    """Top-1/top-5 masked accuracy, loss and perplexity of `model` (a model directory,
+    an MLflow model URI, or a loaded (model, tokenizer) pair) on `data_dir`'s
+    validation split."""
+    import torch
+
+    from mlm.model import load_model_dir
+    from mlm.tokenizer import fingerprint
+    from mlm.train import batch_to_tensors
+
+    manifest = shards.read_manifest(data_dir)
+    files = shards.shard_paths(data_dir, "validation", verify=True)
+    net, tokenizer = load_model_dir(model) if isinstance(model, (str, Path)) else model
+    if fingerprint(tokenizer) != manifest["tokenizer"]["fingerprint"] or len(tokenizer) != manifest["tokenizer"]["vocab_size"]:
+        raise EvalError("the model's tokenizer is not the dataset's tokenizer; evaluate on data prepared with it")
+    net.eval()
+    baseline_id = manifest["most_frequent_token"]["id"]
+    loss_sum, top1, top5, baseline, n = 0.0, 0, 0, 0, 0
+    with torch.inference_mode():
+        for i, batch in enumerate(_batches(files, batch_size)):
+            if max_batches is not None and i >= max_batches:
+                break
+            t = batch_to_tensors(batch, "cpu")
+            hidden = net.base_model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).last_hidden_state
+            selected = t["labels"] != -100
+            # The prediction head runs only where a token is to be predicted.
+            logits = net.cls(hidden[selected]).float()
+            labels = t["labels"][selected]
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            best5 = logits.topk(5, dim=-1).indices
+            top1 += int((best5[:, 0] == labels).sum())
+            top5 += int((best5 == labels[:, None]).any(dim=-1).sum())
+            baseline += int((labels == baseline_id).sum())
+            n += int(labels.numel())
+    if n == 0:
+        raise EvalError(f"no masked tokens in the validation split of {data_dir}")
+    loss = loss_sum / n
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "top1_accuracy": top1 / n,
+        "top5_accuracy": top5 / n,
+        "masked_tokens": n,
+        "baseline_top1_accuracy": baseline / n,
+        "baseline_token": manifest["most_frequent_token"]["token"],
+        "data_fingerprint": manifest["fingerprint"],
+        "eval_set": manifest["masking"]["validation"],
+    }
+
+
+def better(metric: str, challenger: float, champion: float, margin: float) -> bool:
+    """Does the challenger beat the champion by at least `margin` on `metric`?"""
+    if metric == "loss":
+        return challenger < champion - margin
+    return challenger > champion + margin
+
+
+EVAL_FILE = "eval_results.json"
+
+
+def save_results(model_dir: str | Path, results: dict[str, Any]) -> None:
+    from mlm.shards import atomic_write_bytes
+
+    atomic_write_bytes(Path(model_dir) / EVAL_FILE, json.dumps(results, indent=2).encode())
+
+
+def load_results(model_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(model_dir) / EVAL_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
