@@ -152,6 +152,7 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
             raise corpus.InputError("empty corpus: no document left after cleaning")
         tokenizer = tok_mod.train_tokenizer(texts, cfg.tokenizer)
     tok_mod.save_tokenizer(tokenizer, tok_dir)
+    tokenizer = tok_mod.load_tokenizer(tok_dir)  # fingerprint what readers will load
 
     masking = cfg.masking.model_dump()
     eval_masking = {"rate": cfg.eval.rate, "mask_fraction": 0.8, "random_fraction": 0.1, "seed": cfg.eval.seed}

@@ -42,7 +42,8 @@ def ensure_ray() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(
         address="local",
-        include_dashboard=False,
+        include_dashboard=True,  # the State API that Ray Train relies on lives here
+        dashboard_host="127.0.0.1",
         logging_level=logging.WARNING,
         log_to_driver=True,
         # Workers inherit the driver's environment so they find the same stores.

@@ -1,0 +1,208 @@
+"""The `mlm` command: thin wrappers over the library functions.
+
+User mistakes (bad config, missing input, corrupt data, unknown model) print one
+line on stderr and exit 2; set MLM_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from mlm.config import ConfigError, load_config
+
+PRESET = click.option("--preset", default="tiny", show_default=True, help="Preset name or YAML path.")
+SET = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. train.max_steps=100.")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from mlm.corpus import InputError
+    from mlm.evaluate import EvalError
+    from mlm.model import ModelError
+    from mlm.predict import PredictError
+    from mlm.registry import RegistryError
+    from mlm.shards import DatasetError
+    from mlm.tokenizer import TokenizerError
+
+    return (ConfigError, InputError, DatasetError, TokenizerError, ModelError, PredictError, RegistryError, EvalError)
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+@click.group()
+@click.version_option(package_name="mlm")
+def cli() -> None:
+    """Pretrain BERT-style masked language models: prepare -> train -> evaluate -> register."""
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Dataset folder.")
+@click.option("--overwrite", is_flag=True, help="Replace a different dataset already in --out.")
+@PRESET
+@SET
+def prepare(inputs, out_dir, overwrite, preset, overrides) -> None:
+    """Tokenize, pack and mask INPUT files/dirs/globs (or builtin:python-docs) into Parquet shards."""
+    from mlm.prepare import prepare as run
+
+    cfg = load_config(preset, overrides)
+    m = run(list(inputs), out_dir, cfg, overwrite=overwrite)
+    _echo_json({"out": str(Path(out_dir).resolve()), "fingerprint": m["fingerprint"], "documents": m["documents"],
+                "splits": {s: {k: v for k, v in d.items() if k != "shards"} for s, d in m["splits"].items()}})
+
+
+@cli.command()
+@click.option("--data", "data_dir", required=True, help="Dataset folder from `mlm prepare`.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder; the model lands in OUT/model.")
+@PRESET
+@SET
+def train(data_dir, out_dir, preset, overrides) -> None:
+    """Train the encoder with Ray Train (DDP) on a prepared dataset."""
+    from mlm import registry
+    from mlm.shards import read_manifest
+    from mlm.train import train as run
+
+    cfg = load_config(preset, overrides)
+    read_manifest(data_dir)  # fail fast, before Ray and MLflow start
+    with registry.stage_run("train", cfg) as r:
+        _echo_json(run(data_dir, out_dir, cfg, mlflow_run_id=r.info.run_id))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--data", "data_dir", required=True, help="Dataset folder whose validation split is the evaluation set.")
+@click.option("--log/--no-log", default=True, show_default=True, help="Log the metrics to MLflow.")
+@PRESET
+@SET
+def evaluate(model, data_dir, log, preset, overrides) -> None:
+    """Masked-token accuracy (top-1/top-5), loss and perplexity of MODEL (dir or models:/ URI)."""
+    import mlflow
+
+    from mlm import registry
+    from mlm.evaluate import evaluate as run, save_results
+
+    cfg = load_config(preset, overrides)
+    metrics = run(model, data_dir, cfg.eval.batch_size)
+    if Path(model).is_dir():
+        save_results(model, metrics)
+    if log:
+        with registry.stage_run("evaluate", cfg):
+            mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            mlflow.set_tag("mlm.model", model)
+    _echo_json(metrics)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option("--name", default=None, help="Registered model name (default: registry.model_name).")
+@click.option("--data", "data_dir", default=None, help="Evaluate on this dataset first (else MODEL/eval_results.json is used).")
+@PRESET
+@SET
+def register(model, name, data_dir, preset, overrides) -> None:
+    """Log MODEL to MLflow, register a version and apply the champion/challenger gate."""
+    from mlm.evaluate import EvalError, evaluate as run_eval, load_results, save_results
+    from mlm.registry import register as run
+
+    cfg = load_config(preset, overrides)
+    if data_dir:
+        metrics = run_eval(model, data_dir, cfg.eval.batch_size)
+        save_results(model, metrics)
+    else:
+        metrics = load_results(model)
+        if metrics is None:
+            raise EvalError(f"{model} has no evaluation; run `mlm evaluate {model} --data DATA_DIR` or pass --data")
+    _echo_json(run(model, name or cfg.registry.model_name, metrics, cfg, data_dir=data_dir))
+
+
+@cli.command("fill-mask")
+@click.argument("text")
+@click.option("--model", default=None, help="Model dir or MLflow URI (default: models:/<registry.model_name>@champion).")
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(1, 100))
+@PRESET
+@SET
+def fill_mask(text, model, top_k, preset, overrides) -> None:
+    """Predict the [MASK] tokens of TEXT."""
+    from mlm.predict import fill_mask as run
+
+    model = model or f"models:/{load_config(preset, overrides).registry.model_name}@champion"
+    for i, preds in enumerate(run(text, model, top_k)):
+        click.echo(f"[MASK] #{i + 1}")
+        for p in preds:
+            click.echo(f"  {p['score']:.4f}  {p['token']}")
+
+
+@cli.group()
+def data() -> None:
+    """Inspect prepared datasets."""
+
+
+@data.command("verify")
+@click.argument("data_dir")
+def data_verify(data_dir) -> None:
+    """Check the manifest and every shard's sha256."""
+    from mlm.shards import DatasetError, verify
+
+    problems = verify(data_dir)
+    if problems:
+        raise DatasetError("; ".join(problems))
+    click.echo(f"ok: {data_dir}")
+
+
+@data.command("stats")
+@click.argument("data_dir")
+def data_stats(data_dir) -> None:
+    """Print the manifest's numbers."""
+    from mlm.shards import read_manifest
+
+    m = read_manifest(data_dir)
+    _echo_json({"documents": m["documents"], "tokenizer": m["tokenizer"], "seq_len": m["seq_len"],
+                "splits": {s: {k: v for k, v in d.items() if k != "shards"} | {"shards": len(d["shards"])}
+                           for s, d in m["splits"].items()}})
+
+
+@cli.group()
+def pipeline() -> None:
+    """End-to-end pipelines."""
+
+
+@pipeline.command("run")
+@click.option("--input", "inputs", multiple=True, help="Corpus path/dir/glob (repeatable). Default: builtin:python-docs.")
+@PRESET
+@SET
+def pipeline_run(inputs, preset, overrides) -> None:
+    """prepare -> train -> evaluate -> register, tracked in MLflow."""
+    from mlm.corpus import DEFAULT_CORPUS
+    from mlm.pipeline import pretrain, summary_text
+
+    cfg = load_config(preset, overrides)
+    result = pretrain(list(inputs) or [DEFAULT_CORPUS], cfg)
+    click.echo(summary_text(result))
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
+        if os.environ.get("MLM_DEBUG"):
+            raise
+        if isinstance(e, _user_errors()):
+            click.echo(f"mlm: error: {e}", err=True)
+            sys.exit(2)
+        click.echo(f"mlm: failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                   " (MLM_DEBUG=1 shows the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The pretrain pipeline: prepare -> train -> evaluate -> register, one MLflow run per
+stage nested under one pipeline run. `pipelines/pretrain.py` is its Ray-job entry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from mlm.config import Config
+
+
+def data_key(inputs: list[str], cfg: Config) -> str:
+    """Folder name of a pipeline's dataset: same inputs and data settings, same folder
+    (so a rerun finds its data prepared)."""
+    sections = {k: cfg.to_dict()[k] for k in ("data", "tokenizer", "masking", "eval")}
+    blob = json.dumps([sorted(inputs), sections], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def pretrain(inputs: list[str], cfg: Config, work: Path | None = None) -> dict[str, Any]:
+    import mlflow
+
+    from mlm import registry
+    from mlm.evaluate import evaluate, save_results
+    from mlm.prepare import prepare
+    from mlm.runtime import tracking_uri, work_dir
+    from mlm.train import train
+
+    work = Path(work) if work else work_dir()
+    data_dir = work / "data" / data_key(inputs, cfg)
+    run_dir = work / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    started = time.time()
+    with registry.stage_run("pipeline", cfg) as parent:
+        pid = parent.info.run_id
+        with registry.stage_run("prepare", cfg, pid):
+            manifest = prepare(inputs, data_dir, cfg, overwrite=True)
+            mlflow.log_dict(manifest, "manifest.json")
+            mlflow.log_metrics({
+                "documents_kept": manifest["documents"]["kept"],
+                "train_tokens": manifest["splits"]["train"]["tokens"],
+                "validation_tokens": manifest["splits"]["validation"]["tokens"],
+            })
+        with registry.stage_run("train", cfg, pid) as run:
+            summary = train(data_dir, run_dir, cfg, mlflow_run_id=run.info.run_id)
+            mlflow.log_metrics({"train_seconds": summary["seconds"], "approx_tokens_per_s": summary["approx_tokens_per_s"]})
+        with registry.stage_run("evaluate", cfg, pid):
+            metrics = evaluate(summary["model_dir"], data_dir, cfg.eval.batch_size)
+            save_results(summary["model_dir"], metrics)
+            mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        with registry.stage_run("register", cfg, pid) as run:
+            reg = registry.register(
+                summary["model_dir"], cfg.registry.model_name, metrics, cfg, data_dir=data_dir, run_id=run.info.run_id
+            )
+        mlflow.log_metrics({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    return {
+        "data_dir": str(data_dir),
+        "model_dir": summary["model_dir"],
+        "tracking_uri": tracking_uri(),
+        "pipeline_run_id": pid,
+        "metrics": {k: metrics[k] for k in ("top1_accuracy", "top5_accuracy", "loss", "perplexity", "baseline_top1_accuracy")},
+        "registered": reg,
+        "seconds": round(time.time() - started, 1),
+    }
+
+
+def summary_text(result: dict[str, Any]) -> str:
+    reg, m = result["registered"], result["metrics"]
+    uri = result["tracking_uri"]
+    ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" if uri.startswith("sqlite:") else f"open {uri}"
+    return "\n".join([
+        "",
+        f"data      {result['data_dir']}",
+        f"model     {result['model_dir']}",
+        f"mlflow    {uri}",
+        f"metrics   top1 {m['top1_accuracy']:.4f} (most-frequent-token baseline {m['baseline_top1_accuracy']:.4f}), "
+        f"top5 {m['top5_accuracy']:.4f}, loss {m['loss']:.4f}, perplexity {m['perplexity']:.1f}",
+        f"registry  {reg['name']} v{reg['version']} -> @{reg['alias']} ({reg['reason']})",
+        f"try       mlm fill-mask \"the [MASK] statement returns a value.\" --model models:/{reg['name']}@{reg['alias']}",
+        f"mlflow ui {ui}",
+        f"took      {result['seconds']:.0f}s",
+        json.dumps({"summary": {k: v for k, v in result.items() if k != 'registered'} | {"registered": reg}}, default=str),
+    ])

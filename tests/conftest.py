@@ -1,0 +1,29 @@
+"""One local Ray cluster and one MLflow store for the whole test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory):
+    """The session's MLM_HOME: work folder, SQLite MLflow store, model cache."""
+    path = tmp_path_factory.mktemp("mlm-home")
+    os.environ["MLM_HOME"] = str(path)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ["MLM_PROGRESS"] = "0"
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(work):
+    import ray
+
+    from mlm.runtime import ensure_ray
+
+    ensure_ray()
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,139 @@
+"""The tiny pipeline end to end on the session's local Ray cluster (2 training
+workers), then the registry gate, fresh-process loading, and the CLI on the result."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mlm.config import load_config
+
+pytestmark = pytest.mark.integration
+
+STEPS = 150
+
+
+@pytest.fixture(scope="module")
+def result(ray_cluster, work):
+    from mlm.pipeline import pretrain
+
+    cfg = load_config("tiny", [f"train.max_steps={STEPS}", "train.checkpoint_every=100", "train.num_workers=2"])
+    return pretrain(["builtin:python-docs"], cfg)
+
+
+def _env(work):
+    return {**os.environ, "MLM_HOME": str(work), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+
+
+def test_pipeline_learns_and_registers_champion(result):
+    from mlm.registry import describe
+    from mlm.shards import read_manifest, verify
+
+    assert verify(result["data_dir"]) == []
+    manifest = read_manifest(result["data_dir"])
+    assert manifest["splits"]["train"]["rows"] > 1000 and manifest["splits"]["validation"]["rows"] > 50
+    masked = manifest["splits"]["train"]["masked"] / manifest["splits"]["train"]["tokens"]
+    assert 0.10 < masked < 0.15  # 15% of the non-special tokens
+    m = result["metrics"]
+    assert m["top1_accuracy"] > 2 * m["baseline_top1_accuracy"], m
+    assert m["top5_accuracy"] > m["top1_accuracy"]
+    reg = result["registered"]
+    assert reg["alias"] == "champion"
+    info = describe(reg["name"])
+    assert info["aliases"]["champion"] == reg["version"]
+    tags = info["versions"][-1]["tags"]
+    assert tags["data_fingerprint"] == manifest["fingerprint"]
+    assert {"config_hash", "code_version", "eval.top1_accuracy", "gate.decision"} <= set(tags)
+
+
+def test_model_dir_is_plain_hugging_face(result):
+    """Loads with transformers alone: no project code imported, safetensors weights."""
+    model_dir = result["model_dir"]
+    assert os.path.isfile(os.path.join(model_dir, "model.safetensors"))
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in os.listdir(model_dir))
+    code = (
+        "import sys, json\n"
+        "from transformers import pipeline\n"
+        f"p = pipeline('fill-mask', model={model_dir!r})\n"
+        "out = p('the [MASK] statement returns a value.', top_k=3)\n"
+        "assert not any(m == 'mlm' or m.startswith('mlm.') for m in sys.modules)\n"
+        "print(json.dumps([o['token_str'] for o in out]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(json.loads(out.stdout.strip().splitlines()[-1])) == 3
+
+
+def test_registered_champion_predicts_in_a_new_process(result, work):
+    name = result["registered"]["name"]
+    code = (
+        "import mlflow\n"
+        f"m = mlflow.pyfunc.load_model('models:/{name}@champion')\n"
+        "print(m.predict(['the [MASK] statement returns a value.']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(work), cwd="/", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip()
+
+
+def test_worse_model_becomes_challenger_and_champion_stays(result, work, tmp_path):
+    from mlm.evaluate import evaluate
+    from mlm.model import build_model, save_model_dir
+    from mlm.registry import describe, register
+    from mlm.tokenizer import load_tokenizer
+
+    cfg = load_config("tiny")
+    tokenizer = load_tokenizer(result["model_dir"])
+    untrained = build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id)
+    worse_dir = save_model_dir(untrained, tokenizer, tmp_path / "untrained")
+    metrics = evaluate(str(worse_dir), result["data_dir"])
+    assert metrics["top1_accuracy"] < result["metrics"]["top1_accuracy"]
+    before = describe(result["registered"]["name"])["aliases"]["champion"]
+    reg = register(worse_dir, result["registered"]["name"], metrics, cfg, data_dir=result["data_dir"])
+    assert reg["alias"] == "challenger"
+    assert "does not beat champion" in reg["reason"] and reg["champion_score"] == pytest.approx(result["metrics"]["top1_accuracy"])
+    aliases = describe(result["registered"]["name"])["aliases"]
+    assert aliases["champion"] == before and aliases["challenger"] == reg["version"]
+
+
+def test_cli_fill_mask_and_data_commands(result, work):
+    name = result["registered"]["name"]
+    out = subprocess.run(
+        ["mlm", "fill-mask", "the [MASK] statement returns a [MASK].", "--model", f"models:/{name}@champion", "--top-k", "2"],
+        capture_output=True, text=True, env=_env(work), timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("[MASK] #") == 2 and len(out.stdout.strip().splitlines()) == 6
+    bad = subprocess.run(["mlm", "fill-mask", "no mask here", "--model", result["model_dir"]],
+                         capture_output=True, text=True, env=_env(work), timeout=300)
+    assert bad.returncode == 2 and "no [MASK]" in bad.stderr and "Traceback" not in bad.stderr
+    stats = subprocess.run(["mlm", "data", "stats", result["data_dir"]], capture_output=True, text=True, timeout=120)
+    assert stats.returncode == 0 and json.loads(stats.stdout)["splits"]["train"]["rows"] > 0
+
+
+def test_prepare_is_idempotent_and_training_refuses_corrupt_shards(result, tmp_path):
+    import shutil
+
+    from mlm.prepare import prepare
+    from mlm.shards import DatasetError, read_manifest
+    from mlm.train import train
+
+    data_dir = result["data_dir"]
+    before = {p: os.path.getmtime(os.path.join(data_dir, p)) for p in os.listdir(data_dir)}
+    cfg = load_config("tiny", [f"train.max_steps={STEPS}", "train.checkpoint_every=100"])
+    again = prepare(["builtin:python-docs"], data_dir, cfg)
+    assert again["fingerprint"] == read_manifest(data_dir)["fingerprint"]
+    assert before == {p: os.path.getmtime(os.path.join(data_dir, p)) for p in os.listdir(data_dir)}
+
+    broken = tmp_path / "broken"
+    shutil.copytree(data_dir, broken)
+    shard = sorted(broken.glob("train-*.parquet"))[0]
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=shard.name):
+        train(broken, tmp_path / "run", cfg)

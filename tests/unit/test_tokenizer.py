@@ -1,0 +1,40 @@
+import pytest
+
+from mlm.config import TokenizerConfig
+from mlm.corpus import _python_docs
+from mlm.tokenizer import TokenizerError, fingerprint, load_tokenizer, save_tokenizer, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def texts():
+    docs = []
+    for d in _python_docs():
+        docs.append(d)
+        if len(docs) == 300:
+            return docs
+
+
+def test_train_save_load_round_trip(texts, tmp_path):
+    tok = train_tokenizer(texts, TokenizerConfig(vocab_size=1000, min_frequency=2))
+    assert len(tok) == 1000
+    save_tokenizer(tok, tmp_path / "tok")
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert len(loaded) == 1000  # transformers 5 must not fall back to a 5-token vocabulary
+    assert fingerprint(loaded) == fingerprint(load_tokenizer(tmp_path / "tok"))
+    enc = loaded("The return statement leaves a function.")["input_ids"]
+    assert enc[0] == loaded.cls_token_id and enc[-1] == loaded.sep_token_id
+    assert loaded.unk_token_id not in enc[1:-1]
+    assert loaded.mask_token == "[MASK]"
+
+
+def test_fingerprint_changes_with_vocabulary(texts, tmp_path):
+    a = train_tokenizer(texts, TokenizerConfig(vocab_size=800))
+    b = train_tokenizer(texts, TokenizerConfig(vocab_size=900))
+    save_tokenizer(a, tmp_path / "a")
+    save_tokenizer(b, tmp_path / "b")
+    assert fingerprint(load_tokenizer(tmp_path / "a")) != fingerprint(load_tokenizer(tmp_path / "b"))
+
+
+def test_load_rejects_a_folder_without_tokenizer(tmp_path):
+    with pytest.raises(TokenizerError, match="no tokenizer"):
+        load_tokenizer(tmp_path)
