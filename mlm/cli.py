@@ -186,6 +186,9 @@ def pipeline_run(inputs, preset, overrides) -> None:
 
 
 def main() -> None:
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # keep stderr for what matters
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mlm import corpus
 from mlm.config import Config
 
 
@@ -30,6 +31,7 @@ def pretrain(inputs: list[str], cfg: Config, work: Path | None = None) -> dict[s
     from mlm.train import train
 
     work = Path(work) if work else work_dir()
+    corpus.resolve_inputs(list(inputs), work)  # bad input fails here, before any run is recorded
     data_dir = work / "data" / data_key(inputs, cfg)
     run_dir = work / "runs" / time.strftime("%Y%m%d-%H%M%S")
     started = time.time()

@@ -247,7 +247,7 @@ def describe(name: str) -> dict[str, Any]:
     versions = client.search_model_versions(f"name='{name}'")
     return {
         "name": name,
-        "aliases": dict(rm.aliases),
+        "aliases": {k: str(v) for k, v in rm.aliases.items()},
         "versions": [{"version": v.version, "tags": dict(v.tags)} for v in sorted(versions, key=lambda v: int(v.version))],
     }
 

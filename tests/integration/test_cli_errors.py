@@ -63,7 +63,7 @@ def test_whitespace_only_corpus_is_empty(ray_cluster, tmp_path):
     from mlm.corpus import InputError
     from mlm.prepare import prepare
 
-    (tmp_path / "blank.txt").write_text("\n\n   \n\x01\x02\n\n")
+    (tmp_path / "blank.txt").write_text("\n\n   \n\t\n" * 50 + "\x01\n")
     with pytest.raises(InputError, match="empty corpus"):
         prepare([str(tmp_path / "blank.txt")], tmp_path / "out", load_config("tiny"))
     assert not (tmp_path / "out" / "manifest.json").exists()
