@@ -71,7 +71,7 @@ def pretrain(inputs: list[str], cfg: Config, work: Path | None = None) -> dict[s
 def summary_text(result: dict[str, Any]) -> str:
     reg, m = result["registered"], result["metrics"]
     uri = result["tracking_uri"]
-    ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" if uri.startswith("sqlite:") else f"open {uri}"
+    ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" if uri.startswith("sqlite:") else uri
     return "\n".join([
         "",
         f"data      {result['data_dir']}",
@@ -81,7 +81,7 @@ def summary_text(result: dict[str, Any]) -> str:
         f"top5 {m['top5_accuracy']:.4f}, loss {m['loss']:.4f}, perplexity {m['perplexity']:.1f}",
         f"registry  {reg['name']} v{reg['version']} -> @{reg['alias']} ({reg['reason']})",
         f"try       mlm fill-mask \"the [MASK] statement returns a value.\" --model models:/{reg['name']}@{reg['alias']}",
-        f"mlflow ui {ui}",
+        f"ui        {ui}",
         f"took      {result['seconds']:.0f}s",
         json.dumps({"summary": {k: v for k, v in result.items() if k != 'registered'} | {"registered": reg}}, default=str),
     ])
