@@ -36,6 +36,12 @@ class DataConfig(_Section):
         1024, ge=1, description="Documents per tokenize/pack batch; only the last sequence of a batch is padded."
     )
     min_doc_chars: int = Field(1, ge=1, description="Documents shorter than this (after cleaning) are dropped.")
+    invalid_utf8: Literal["replace", "drop"] = Field(
+        "replace", description="Documents with invalid UTF-8: replace bad bytes with U+FFFD, or drop the document."
+    )
+    max_chunk_chars: int = Field(
+        1_000_000, ge=1000, description="Longer documents are tokenized in chunks cut at whitespace (bounded memory)."
+    )
     max_bad_fraction: float = Field(
         0.5, ge=0.0, le=1.0, description="Fail the job when more than this share of input files is unreadable."
     )
@@ -43,7 +49,9 @@ class DataConfig(_Section):
 
 class TokenizerConfig(_Section):
     path: Optional[str] = Field(None, description="Load this tokenizer directory instead of training one.")
-    kind: Literal["wordpiece"] = Field("wordpiece", description="Tokenizer model trained on the corpus.")
+    kind: Literal["wordpiece", "bpe", "unigram"] = Field(
+        "wordpiece", description="Tokenizer model trained on the corpus: BERT WordPiece, byte-level BPE or unigram."
+    )
     vocab_size: int = Field(30_522, ge=64, description="Vocabulary size of a trained tokenizer, specials included.")
     min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a merge/word piece.")
     lowercase: bool = Field(True, description="Lowercase and strip accents before tokenizing (BERT uncased).")

@@ -2,6 +2,7 @@
 
 Document boundaries: a .txt file holds documents separated by blank lines (BERT's
 convention); a .jsonl line or a .parquet row is one document (`data.text_field`).
+.txt and .jsonl may be compressed (.gz, .zst).
 Every document gets a content hash; the hash alone decides its split, so the
 train/validation split does not depend on file order or on the number of workers.
 """
@@ -22,7 +23,8 @@ from typing import Any, Iterator
 
 from mlm.config import DataConfig
 
-TEXT_SUFFIXES = (".txt", ".jsonl")
+COMPRESSION = {".gz": "gzip", ".zst": "zstd"}
+TEXT_SUFFIXES = tuple(base + comp for base in (".txt", ".jsonl") for comp in ("", *COMPRESSION))
 PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED = TEXT_SUFFIXES + PARQUET_SUFFIXES
 BUILTIN_PREFIX = "builtin:"
@@ -102,11 +104,35 @@ def _fingerprint(path: str) -> str:
     return h.hexdigest()
 
 
+def _codec(path: str) -> str | None:
+    return next((codec for suffix, codec in COMPRESSION.items() if path.endswith(suffix)), None)
+
+
+def decompress(path: str, data: bytes) -> bytes:
+    """The file's bytes, decompressed by its suffix (.gz, .zst) with pyarrow's codecs."""
+    import pyarrow as pa
+
+    codec = _codec(path)
+    if codec is None:
+        return data
+    return pa.CompressedInputStream(pa.BufferReader(data), codec).read()
+
+
+def _head(path: str, n: int) -> bytes:
+    import pyarrow as pa
+
+    codec = _codec(path)
+    if codec is None:
+        with open(path, "rb") as f:
+            return f.read(n)
+    with pa.CompressedInputStream(pa.OSFile(path), codec) as stream:
+        return stream.read(n)
+
+
 def looks_binary(path: str, sniff_bytes: int = 8192) -> bool:
-    """NUL bytes, or mostly non-text bytes, in the first block: not a text file.
-    (Parquet files are binary by design and are not sniffed.)"""
-    with open(path, "rb") as f:
-        head = f.read(sniff_bytes)
+    """NUL bytes, or mostly non-text bytes, in the first (decompressed) block: not a
+    text file. Parquet files are binary by design and are not sniffed."""
+    head = _head(path, sniff_bytes)
     if not head:
         return False
     if b"\x00" in head:
@@ -157,9 +183,15 @@ def resolve_inputs(inputs: list[str], work_dir: Path) -> tuple[list[InputFile], 
             if not os.access(p, os.R_OK):
                 skipped.setdefault("unreadable", []).append(p)
                 continue
-            if p.endswith(TEXT_SUFFIXES) and looks_binary(p):
-                skipped.setdefault("binary", []).append(p)
-                continue
+            if p.endswith(TEXT_SUFFIXES):
+                try:
+                    binary = looks_binary(p)
+                except OSError:  # a corrupt .gz/.zst
+                    skipped.setdefault("unreadable", []).append(p)
+                    continue
+                if binary:
+                    skipped.setdefault("binary", []).append(p)
+                    continue
             files.append(InputFile(p, os.path.getsize(p), _fingerprint(p)))
     if not files:
         why = "; ".join(f"{reason}: {', '.join(ps[:3])}" for reason, ps in skipped.items()) or "no files"
@@ -233,14 +265,21 @@ def read_documents(files: list[InputFile], cfg: DataConfig):
     if text_paths:
 
         def explode(row: dict[str, Any]) -> list[dict[str, Any]]:
-            data, path = row["bytes"], row["path"]
-            docs = _split_jsonl(data, cfg.text_field) if path.endswith(".jsonl") else _split_txt(data)
+            path = row["path"]
+            try:
+                data = decompress(path, row["bytes"])
+            except OSError:
+                return [_doc_row(None, "unreadable_file", cfg)]
+            is_jsonl = path.removesuffix(".gz").removesuffix(".zst").endswith(".jsonl")
+            docs = _split_jsonl(data, cfg.text_field) if is_jsonl else _split_txt(data)
             out = []
             for text, bad_utf8 in docs:
                 if text is None:
                     out.append(_doc_row(None, "bad_json_or_missing_field", cfg))
+                elif bad_utf8 and cfg.invalid_utf8 == "drop":
+                    out.append(_doc_row(None, "invalid_utf8", cfg))
                 else:
-                    # Invalid bytes are replaced by U+FFFD and the document kept; counted.
+                    # Invalid bytes were replaced by U+FFFD and the document kept; counted.
                     row_ = _doc_row(text, "", cfg)
                     out.append(row_)
                     if bad_utf8 and not row_["drop_reason"]:

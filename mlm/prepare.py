@@ -33,22 +33,33 @@ _STATS = "_stats"
 class TokenizePackMask:
     """Ray Data stage: a batch of documents -> packed, masked sequences (+ one stats row)."""
 
-    def __init__(self, tokenizer_dir: str, seq_len: int, train_masking: dict, eval_masking: dict):
+    def __init__(self, tokenizer_dir: str, seq_len: int, train_masking: dict, eval_masking: dict,
+                 max_chunk_chars: int = 1_000_000):
         tok = tok_mod.load_tokenizer(tokenizer_dir)
         self.backend = tok.backend_tokenizer
         self.backend.no_truncation()
         self.backend.no_padding()
         # "[SEP]" typed in a document is text, not a boundary: keeps packing invertible.
         self.backend.encode_special_tokens = True
-        self.seq_len = seq_len
+        self.seq_len, self.max_chunk_chars = seq_len, max_chunk_chars
         self.cls, self.sep, self.pad, self.mask = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.mask_token_id
         self.special = np.array(sorted(set(tok.all_special_ids)), np.int32)
         self.random_ids = np.setdiff1d(np.arange(len(tok), dtype=np.int32), self.special)
         self.masking = {"train": train_masking, "validation": eval_masking}
 
     def _encode(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids per document; a very long document is encoded in whitespace-cut
+        chunks whose ids are concatenated, so memory stays bounded."""
         enc = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
-        return [np.asarray(e.ids, np.int32) for e in enc(texts, add_special_tokens=False)]
+        pieces, owner = [], []
+        for i, text in enumerate(texts):
+            for chunk in split_long(text, self.max_chunk_chars):
+                pieces.append(chunk)
+                owner.append(i)
+        out: list[list[np.ndarray]] = [[] for _ in texts]
+        for i, e in zip(owner, enc(pieces, add_special_tokens=False)):
+            out[i].append(np.asarray(e.ids, np.int32))
+        return [np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in out]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         reasons = batch["drop_reason"]
@@ -86,6 +97,23 @@ class TokenizePackMask:
         return out.append_column("split", pa.array(splits)).append_column(
             "stats", pa.array([""] * (len(splits) - 1) + [stats])
         )
+
+
+def split_long(text: str, max_chars: int) -> list[str]:
+    """Cut `text` into pieces of at most about `max_chars`, at whitespace where there is
+    some (a word is never cut unless a single word is longer than `max_chars`)."""
+    if len(text) <= max_chars:
+        return [text]
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(start + max_chars, len(text))
+        if end < len(text):
+            cut = text.rfind(" ", start + max_chars // 2, end)
+            cut = max(cut, text.rfind("\n", start + max_chars // 2, end))
+            end = cut + 1 if cut > start else end
+        pieces.append(text[start:end])
+        start = end
+    return pieces
 
 
 def _input_fingerprint(files: list[corpus.InputFile], cfg: Config) -> str:
@@ -162,7 +190,7 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
         TokenizePackMask,
         fn_constructor_kwargs={
             "tokenizer_dir": str(tok_dir), "seq_len": cfg.data.seq_len,
-            "train_masking": masking, "eval_masking": eval_masking,
+            "train_masking": masking, "eval_masking": eval_masking, "max_chunk_chars": cfg.data.max_chunk_chars,
         },
         batch_size=cfg.data.pack_batch_docs,
         batch_format="numpy",

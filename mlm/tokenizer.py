@@ -23,18 +23,62 @@ class TokenizerError(ValueError):
     pass
 
 
-def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig):
-    """A BERT-style WordPiece tokenizer trained from scratch on `texts`."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertTokenizerFast
+def _blank(cfg: TokenizerConfig):
+    """An untrained tokenizer of `cfg.kind` and its trainer. All kinds share BERT's
+    special tokens, so packing, masking and the model do not care which is used."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=cfg.lowercase, strip_accents=cfg.lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=SPECIAL_TOKENS
-    )
+    common = {"vocab_size": cfg.vocab_size, "special_tokens": SPECIAL_TOKENS}
+    if cfg.kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=cfg.lowercase, strip_accents=cfg.lowercase)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        return tok, trainers.WordPieceTrainer(min_frequency=cfg.min_frequency, **common)
+    steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if cfg.lowercase else [])
+    if cfg.kind == "bpe":  # byte-level BPE (RoBERTa/ModernBERT style): no unknown tokens
+        tok = Tokenizer(models.BPE())
+        tok.normalizer = normalizers.Sequence(steps)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.decoder = decoders.ByteLevel()
+        return tok, trainers.BpeTrainer(
+            min_frequency=cfg.min_frequency, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), **common
+        )
+    tok = Tokenizer(models.Unigram())  # SentencePiece-style unigram LM
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    return tok, trainers.UnigramTrainer(unk_token="[UNK]", **common)
+
+
+def word_start_table(tokenizer) -> "np.ndarray":
+    """bool per token id: True where the token begins a word (for whole-word and span
+    masking). WordPiece marks continuations with '##'; byte-level BPE marks word starts
+    with 'Ġ'; unigram/Metaspace with '▁'. Special tokens count as word starts."""
+    import numpy as np
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    kind = spec["model"]["type"]
+    table = np.ones(len(tokenizer), dtype=bool)
+    for token, i in tokenizer.get_vocab().items():
+        if i >= len(table):
+            continue
+        if kind == "WordPiece":
+            table[i] = not token.startswith("##")
+        elif kind == "BPE":
+            table[i] = token.startswith("\u0120")
+        else:
+            table[i] = token.startswith("\u2581")
+    table[list(tokenizer.all_special_ids)] = True
+    return table
+
+
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig):
+    """A tokenizer of `cfg.kind` trained from scratch on `texts`, with BERT's specials."""
+    from tokenizers import processors
+    from transformers import BertTokenizerFast, PreTrainedTokenizerFast
+
+    tok, trainer = _blank(cfg)
     tok.train_from_iterator(texts, trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
@@ -42,7 +86,13 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig):
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
-    hf = BertTokenizerFast(tokenizer_object=tok, do_lower_case=cfg.lowercase, model_max_length=512)
+    if cfg.kind == "wordpiece":
+        hf = BertTokenizerFast(tokenizer_object=tok, do_lower_case=cfg.lowercase, model_max_length=512)
+    else:
+        hf = PreTrainedTokenizerFast(
+            tokenizer_object=tok, model_max_length=512, pad_token="[PAD]", unk_token="[UNK]",
+            cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+        )
     _check(hf, expected=tok.get_vocab_size())
     return hf
 

@@ -44,3 +44,30 @@ def test_resolve_inputs_expands_dirs_and_globs_and_skips_binary(tmp_path):
     files, skipped = resolve_inputs([str(tmp_path / "d"), str(tmp_path / "d" / "*.txt")], tmp_path)
     assert sorted(f.path.rsplit("/", 1)[1] for f in files) == ["a.txt", "b.jsonl"]
     assert list(skipped) == ["binary"]
+
+
+def test_compressed_inputs_are_read_and_sniffed(tmp_path):
+    import pyarrow as pa
+
+    from mlm.corpus import decompress
+
+    text = ("a real sentence of words.\n\n" * 200).encode()
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(text))
+    (tmp_path / "b.jsonl.zst").write_bytes(pa.Codec("zstd").compress(b'{"text": "hello"}\n' * 50, asbytes=True))
+    (tmp_path / "c.txt.gz").write_bytes(b"not gzip at all")
+    files, skipped = resolve_inputs([str(tmp_path)], tmp_path)
+    assert sorted(f.path.rsplit("/", 1)[1] for f in files) == ["a.txt.gz", "b.jsonl.zst"]
+    assert [p.rsplit("/", 1)[1] for p in skipped["unreadable"]] == ["c.txt.gz"]
+    assert decompress(str(tmp_path / "a.txt.gz"), (tmp_path / "a.txt.gz").read_bytes()) == text
+
+
+def test_split_long_cuts_at_whitespace_and_loses_nothing():
+    from mlm.prepare import split_long
+
+    text = " ".join(f"word{i}" for i in range(50_000))
+    pieces = split_long(text, 10_000)
+    assert "".join(pieces) == text
+    assert all(len(p) <= 10_000 for p in pieces) and len(pieces) > 1
+    assert all(p.endswith(" ") for p in pieces[:-1])  # never inside a word
+    assert split_long("short", 10_000) == ["short"]
+    assert "".join(split_long("x" * 25_000, 10_000)) == "x" * 25_000  # one huge word is cut anyway

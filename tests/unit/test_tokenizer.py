@@ -38,3 +38,17 @@ def test_fingerprint_changes_with_vocabulary(texts, tmp_path):
 def test_load_rejects_a_folder_without_tokenizer(tmp_path):
     with pytest.raises(TokenizerError, match="no tokenizer"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe", "unigram"])
+def test_every_kind_has_bert_specials_and_word_starts(texts, tmp_path, kind):
+    from mlm.tokenizer import word_start_table
+
+    save_tokenizer(train_tokenizer(texts, TokenizerConfig(kind=kind, vocab_size=700)), tmp_path / kind)
+    tok = load_tokenizer(tmp_path / kind)
+    assert len(tok) == 700
+    ids = tok("the function returns")["input_ids"]
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id and tok.mask_token == "[MASK]"
+    starts = word_start_table(tok)
+    assert starts.shape == (700,) and starts[ids[1]]  # "the" begins a word
+    assert not starts.all()  # some pieces continue a word
