@@ -36,14 +36,15 @@ class DataConfig(_Section):
         1024, ge=1, description="Documents per tokenize/pack batch; only the last sequence of a batch is padded."
     )
     min_doc_chars: int = Field(1, ge=1, description="Documents shorter than this (after cleaning) are dropped.")
-    invalid_utf8: Literal["replace", "drop"] = Field(
-        "replace", description="Documents with invalid UTF-8: replace bad bytes with U+FFFD, or drop the document."
+    invalid_utf8: Literal["replace", "drop", "latin1"] = Field(
+        "replace",
+        description="Documents with invalid UTF-8: replace bad bytes with U+FFFD, drop them, or decode them as Latin-1.",
     )
     max_chunk_chars: int = Field(
         1_000_000, ge=1000, description="Longer documents are tokenized in chunks cut at whitespace (bounded memory)."
     )
     max_bad_fraction: float = Field(
-        0.5, ge=0.0, le=1.0, description="Fail the job when more than this share of input files is unreadable."
+        0.5, ge=0.0, le=1.0, description="Fail when more than this share of input files, or of documents, is unusable."
     )
 
 

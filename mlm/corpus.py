@@ -113,9 +113,13 @@ def decompress(path: str, data: bytes) -> bytes:
     import pyarrow as pa
 
     codec = _codec(path)
-    if codec is None:
+    # Ray's file readers may already have decompressed by extension: check the magic.
+    if codec is None or not data.startswith(_MAGIC[codec]):
         return data
     return pa.CompressedInputStream(pa.BufferReader(data), codec).read()
+
+
+_MAGIC = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd"}
 
 
 def _head(path: str, n: int) -> bytes:
@@ -219,25 +223,39 @@ def is_validation(h: bytes, fraction: float) -> bool:
     return int.from_bytes(h, "big") / 2**64 < fraction
 
 
+def _decode(raw: bytes) -> tuple[str, bool]:
+    """UTF-8 text and whether it was invalid; invalid bytes are kept as surrogate
+    escapes so a later policy (replace, drop, latin1) can still see them."""
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="surrogateescape"), True
+
+
+def _finish(text: str, bad: bool, policy: str) -> str:
+    if bad and policy != "latin1":
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", errors="replace")
+    return text
+
+
 def _split_txt(data: bytes) -> Iterator[tuple[str, bool]]:
     """Yield (document, had_invalid_utf8) for blank-line separated blocks."""
-    text = data.decode("utf-8", errors="replace")
-    for block in re.split(r"\n[ \t\r\f\v]*\n", text):
-        yield block, "\ufffd" in block
+    for block in re.split(rb"\n[ \t\r\f\v]*\n", data):
+        yield _decode(block)
 
 
 def _split_jsonl(data: bytes, field: str) -> Iterator[tuple[str | None, bool]]:
     for line in data.splitlines():
         if not line.strip():
             continue
-        raw = line.decode("utf-8", errors="replace")
+        raw, bad = _decode(line)
         try:
             obj = json.loads(raw)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeEncodeError):
             yield None, False
             continue
         value = obj.get(field) if isinstance(obj, dict) else None
-        yield (value if isinstance(value, str) else None), "\ufffd" in raw
+        yield (value if isinstance(value, str) else None), bad
 
 
 def _doc_row(text: str | None, reason: str, cfg: DataConfig) -> dict[str, Any]:
@@ -278,9 +296,12 @@ def read_documents(files: list[InputFile], cfg: DataConfig):
                     out.append(_doc_row(None, "bad_json_or_missing_field", cfg))
                 elif bad_utf8 and cfg.invalid_utf8 == "drop":
                     out.append(_doc_row(None, "invalid_utf8", cfg))
+                elif bad_utf8 and cfg.invalid_utf8 == "latin1":
+                    out.append(_doc_row(text.encode("utf-8", "surrogateescape").decode("latin-1"), "", cfg))
+                    out.append({"text": "", "doc_hash": b"", "split": "", "drop_reason": "_latin1"})
                 else:
-                    # Invalid bytes were replaced by U+FFFD and the document kept; counted.
-                    row_ = _doc_row(text, "", cfg)
+                    # Invalid bytes are replaced by U+FFFD and the document kept; counted.
+                    row_ = _doc_row(_finish(text, bad_utf8, "replace"), "", cfg)
                     out.append(row_)
                     if bad_utf8 and not row_["drop_reason"]:
                         out.append({"text": "", "doc_hash": b"", "split": "", "drop_reason": "_repaired_utf8"})

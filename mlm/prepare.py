@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -51,19 +53,31 @@ class TokenizePackMask:
         """Token ids per document; a very long document is encoded in whitespace-cut
         chunks whose ids are concatenated, so memory stays bounded."""
         enc = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
-        pieces, owner = [], []
-        for i, text in enumerate(texts):
-            for chunk in split_long(text, self.max_chunk_chars):
-                pieces.append(chunk)
-                owner.append(i)
         out: list[list[np.ndarray]] = [[] for _ in texts]
-        for i, e in zip(owner, enc(pieces, add_special_tokens=False)):
-            out[i].append(np.asarray(e.ids, np.int32))
+        group: list[tuple[int, str]] = []
+        group_chars = 0
+
+        def flush() -> None:
+            # Encodings are heavy (strings, offsets per token): turn them into int32
+            # arrays group by group so a 50 MB document never holds them all at once.
+            for (i, _), e in zip(group, enc([piece for _, piece in group], add_special_tokens=False)):
+                out[i].append(np.asarray(e.ids, np.int32))
+            group.clear()
+
+        for i, text in enumerate(texts):
+            for piece in split_long(text, self.max_chunk_chars):
+                group.append((i, piece))
+                group_chars += len(piece)
+                if group_chars >= 4 * self.max_chunk_chars:
+                    flush()
+                    group_chars = 0
+        flush()
         return [np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in out]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         reasons = batch["drop_reason"]
         counts: Counter = Counter(r for r in reasons.tolist() if r)
+        counts["_chars"] = int(sum(len(t) for t in batch["text"].tolist()))
         tables, splits = [], []
         tokens = {"train": 0, "validation": 0}
         for split in ("train", "validation"):
@@ -97,6 +111,34 @@ class TokenizePackMask:
         return out.append_column("split", pa.array(splits)).append_column(
             "stats", pa.array([""] * (len(splits) - 1) + [stats])
         )
+
+
+class Progress:
+    """A live line on stderr: documents/s, tokens/s and an ETA from the input bytes
+    (approximate for compressed inputs)."""
+
+    def __init__(self, total_chars: int, every_s: float = 5.0):
+        self.total, self.every, self.tokens = max(1, total_chars), every_s, 0
+        self.start = self.last = time.time()
+        self.enabled = os.environ.get("MLM_PROGRESS", "1") != "0"
+
+    def _line(self, counts: Counter) -> str:
+        elapsed = max(time.time() - self.start, 1e-9)
+        docs = sum(v for k, v in counts.items() if k.startswith("docs_"))
+        chars = counts.get("_chars", 0)
+        eta = (self.total - chars) / (chars / elapsed) if chars else float("nan")
+        return (f"prepare: {docs:,} docs ({docs / elapsed:,.0f}/s), {self.tokens:,} tokens "
+                f"({self.tokens / elapsed:,.0f}/s), {min(1.0, chars / self.total):.0%} of input, eta {max(0.0, eta):,.0f}s")
+
+    def update(self, counts: Counter, tokens: int) -> None:
+        self.tokens += tokens
+        if self.enabled and time.time() - self.last >= self.every:
+            self.last = time.time()
+            print(self._line(counts), file=sys.stderr, flush=True)
+
+    def done(self, counts: Counter) -> None:
+        if self.enabled:
+            print(self._line(counts).replace("eta", "done, eta"), file=sys.stderr, flush=True)
 
 
 def split_long(text: str, max_chars: int) -> list[str]:
@@ -135,9 +177,14 @@ def _clear_unfinished(out_dir: Path) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+SAMPLE_DOC_CHARS = 100_000
+
+
 def _sample_texts(docs, n: int) -> list[str]:
+    """The first `n` kept documents, each cut to SAMPLE_DOC_CHARS: a 50 MB document
+    would otherwise dominate the sample and the trainer's memory."""
     kept = docs.filter(lambda r: r["drop_reason"] == "").select_columns(["text"]).limit(n)
-    return [r["text"] for r in kept.iter_rows()]
+    return [r["text"][:SAMPLE_DOC_CHARS] for r in kept.iter_rows()]
 
 
 def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: bool = False) -> dict[str, Any]:
@@ -200,11 +247,13 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
     counts: Counter = Counter()
     token_counts = np.zeros(len(tokenizer), np.int64)
     special = np.array(sorted(set(tokenizer.all_special_ids)))
+    progress = Progress(total_chars=sum(f.size for f in files))
     for batch in sequences.iter_batches(batch_format="pyarrow", batch_size=None):
         split_col = batch.column("split").to_numpy(zero_copy_only=False)
         for s in batch.column("stats").to_pylist():
             if s:
                 counts.update(json.loads(s))
+        progress.update(counts, int(np.asarray(batch.column("num_tokens")).sum()))
         for split, writer in writers.items():
             rows = np.flatnonzero(split_col == split)
             if not len(rows):
@@ -216,6 +265,7 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
                 original = np.where(labels >= 0, labels, ids)
                 token_counts += np.bincount(original.reshape(-1), minlength=len(token_counts))[: len(token_counts)]
     split_shards = {s: w.close() for s, w in writers.items()}
+    progress.done(counts)
     for split, lst in split_shards.items():
         if not lst:
             _clear_unfinished(out_dir)
@@ -226,6 +276,14 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
             )
     token_counts[special] = 0
     dropped = {k: v for k, v in counts.items() if v and not k.startswith(("docs_", "_"))}
+    dropped_docs = sum(dropped.values())
+    seen_docs = dropped_docs + sum(counts.get(f"docs_{s}", 0) for s in shards.SPLITS)
+    if seen_docs and dropped_docs / seen_docs > cfg.data.max_bad_fraction:
+        _clear_unfinished(out_dir)
+        raise corpus.InputError(
+            f"{dropped_docs} of {seen_docs} documents were dropped (> data.max_bad_fraction="
+            f"{cfg.data.max_bad_fraction}): {dropped}"
+        )
     manifest = {
         "schema_version": shards.SCHEMA_VERSION,
         "created_unix": int(time.time()),
@@ -256,6 +314,7 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
             "kept": sum(counts.get(f"docs_{s}", 0) for s in shards.SPLITS),
             "dropped": dropped,
             "repaired_invalid_utf8": counts.get("_repaired_utf8", 0),
+            "decoded_as_latin1": counts.get("_latin1", 0),
         },
         "most_frequent_token": {"id": int(token_counts.argmax()), "token": tokenizer.convert_ids_to_tokens(int(token_counts.argmax()))},
         "seconds": round(time.time() - started, 1),

@@ -5,6 +5,12 @@ Gate: a new version becomes `champion` when there is none, or when it beats the
 champion by `registry.min_improvement` on `registry.metric` measured on the same
 evaluation set (the champion is re-scored on the new version's data when its
 recorded scores come from other data). Otherwise it becomes `challenger`.
+
+Lifecycle (`mlm models list | show | promote | rollback`): every change of champion,
+by the gate or by hand, is appended to the registered-model tag `champion_history`
+(a JSON list of versions, oldest first, ending with the current champion), so that
+`rollback` can walk back through earlier champions one at a time. The `champion`
+alias is the source of truth; the history is bookkeeping reconciled against it.
 """
 
 from __future__ import annotations
@@ -14,12 +20,15 @@ import json
 import os
 import shutil
 import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 from mlm.config import Config
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+HISTORY_TAG = "champion_history"  # registered-model tag: JSON list of champion versions, oldest first
+HISTORY_MAX = 100  # entries kept; older champions drop off the front
 
 
 class RegistryError(ValueError):
@@ -138,6 +147,7 @@ def register(
         champion = _alias_version(client, name, CHAMPION)
         challenger_score = float(metrics[metric])
         champion_score = None
+        previous = champion.version if champion is not None else None
         if champion is None:
             decision, reason = CHAMPION, "no champion yet"
         else:
@@ -158,9 +168,16 @@ def register(
                 reason = f"{metric} {challenger_score:.4f} does not beat champion v{champion.version} {champion_score:.4f} (margin {margin})"
         client.set_model_version_tag(name, version, "gate.decision", decision)
         client.set_model_version_tag(name, version, "gate.reason", reason)
+        client.set_model_version_tag(name, version, "gate.metric", metric)
+        client.set_model_version_tag(name, version, "gate.score", str(challenger_score))
         if champion_score is not None:
             client.set_model_version_tag(name, version, "gate.champion_score", str(champion_score))
-        client.set_registered_model_alias(name, decision, version)
+        if previous is not None:
+            client.set_model_version_tag(name, version, "gate.previous_champion", str(previous))
+        if decision == CHAMPION:
+            _move_champion(client, name, version)
+        else:
+            client.set_registered_model_alias(name, decision, version)
         mlflow.log_dict({"version": version, "alias": decision, "reason": reason}, "gate.json")
     return {
         "name": name,
@@ -170,6 +187,7 @@ def register(
         "metric": metric,
         "score": challenger_score,
         "champion_score": champion_score,
+        "previous_champion": str(previous) if previous is not None else None,
         "model_uri": f"models:/{name}@{decision}",
     }
 
@@ -249,6 +267,329 @@ def describe(name: str) -> dict[str, Any]:
         "name": name,
         "aliases": {k: str(v) for k, v in rm.aliases.items()},
         "versions": [{"version": v.version, "tags": dict(v.tags)} for v in sorted(versions, key=lambda v: int(v.version))],
+    }
+
+
+# ---------------------------------------------------------------- lifecycle
+#
+# Crash safety. Readers resolve `models:/NAME@champion`; that alias is only ever moved
+# with one `set_registered_model_alias` call (one transaction in the store) and never
+# deleted first, so a reader sees the old champion or the new one, never none. The
+# history tag is written around that call in the order that makes a crash between the
+# two writes harmless, given that `_history` reconciles the stored list with the alias
+# (the alias wins: when the champion is not the list's last entry it is appended):
+#   promote: alias first, then history. A crash in between leaves the new champion
+#            missing from the list; reading appends it, so the promotion happened.
+#   rollback: history first (truncated to the restored version), then alias. A crash
+#            in between leaves the old champion as the alias; reading appends it
+#            again, so the rollback did not happen and can simply be rerun.
+# Tags that explain a change (`promote.*`, `rollback.restored_*`) are written on the
+# version before its alias moves, so anyone who sees the new champion can read why.
+# Two people changing the champion at the same moment can lose a history entry (the
+# tag is read, then rewritten); the alias itself is still consistent.
+
+
+def _client():
+    import mlflow
+    from mlflow import MlflowClient
+
+    from mlm.runtime import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return MlflowClient()
+
+
+def _not_found(e: Exception) -> bool:
+    return getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+
+
+def _registered_model(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    from mlm.runtime import tracking_uri
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as e:
+        if _not_found(e):
+            raise RegistryError(f"no registered model {name!r} in {tracking_uri()}") from None
+        raise
+
+
+def _resolve(client, rm, ref: str | int | None):
+    """A version of `rm` by number (`3`, `v3`) or alias (`champion`); None: the champion."""
+    from mlflow.exceptions import MlflowException
+
+    name = rm.name
+    ref = CHAMPION if ref is None else str(ref).strip()
+    number = ref[1:] if ref[:1] in ("v", "V") and ref[1:].isdigit() else ref
+    if number.isdigit():
+        try:
+            return client.get_model_version(name, number)
+        except MlflowException as e:
+            if _not_found(e):
+                raise RegistryError(f"{name} has no version {number}") from None
+            raise
+    aliases = {a: str(v) for a, v in rm.aliases.items()}
+    if ref not in aliases:
+        if ref == CHAMPION:
+            raise RegistryError(f"{name} has no champion yet; name a version")
+        raise RegistryError(f"{name} has no version or alias {ref!r} (aliases: {', '.join(sorted(aliases)) or 'none'})")
+    return client.get_model_version(name, aliases[ref])
+
+
+def _version_exists(client, name: str, version: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_model_version(name, version)
+        return True
+    except MlflowException as e:
+        if _not_found(e):
+            return False
+        raise
+
+
+def _stored_history(rm) -> list[str]:
+    try:
+        raw = json.loads(rm.tags.get(HISTORY_TAG, "[]"))
+    except json.JSONDecodeError:
+        raw = []  # a hand-edited, broken tag: start again from the current champion
+    return [str(v) for v in raw if str(v).isdigit()] if isinstance(raw, list) else []
+
+
+def _reconcile(stored: list[str], champion: str | None) -> list[str]:
+    """The history as it is: consecutive repeats collapsed, ending with the current
+    champion (the alias is the truth; see the crash-safety note above)."""
+    history: list[str] = []
+    for v in stored:
+        if not history or history[-1] != v:
+            history.append(v)
+    if champion is not None and (not history or history[-1] != champion):
+        history.append(champion)
+    return history
+
+
+def _history(client, name: str) -> list[str]:
+    rm = client.get_registered_model(name)
+    champion = rm.aliases.get(CHAMPION)
+    return _reconcile(_stored_history(rm), None if champion is None else str(champion))
+
+
+def _write_history(client, name: str, history: list[str]) -> None:
+    blob = json.dumps([int(v) for v in history[-HISTORY_MAX:]])
+    client.set_registered_model_tag(name, HISTORY_TAG, blob)
+
+
+def _move_champion(client, name: str, version: str) -> list[str]:
+    """Make `version` champion: one alias call, then the history (see the note above)."""
+    history = _history(client, name)
+    client.set_registered_model_alias(name, CHAMPION, version)  # the commit point
+    history.append(str(version))
+    _write_history(client, name, history)
+    return history
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _iso(ms: int | None) -> str | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return os.environ.get("USER") or getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _number(raw: str) -> float | str:
+    try:
+        return float(raw)
+    except ValueError:
+        return raw
+
+
+def _when(ts: str | None) -> datetime:
+    try:
+        return datetime.fromisoformat(ts) if ts else datetime.min.replace(tzinfo=timezone.utc)
+    except ValueError:
+        return datetime.min.replace(tzinfo=timezone.utc)
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Every registered model with its aliases and latest version, by name."""
+    client = _client()
+    models, token = [], None
+    while True:
+        page = client.search_registered_models(max_results=100, page_token=token)
+        models.extend(page)
+        token = page.token
+        if not token:
+            break
+    out = []
+    for rm in sorted(models, key=lambda m: m.name):
+        quote = '"' if "'" in rm.name else "'"
+        latest = client.search_model_versions(
+            f"name={quote}{rm.name}{quote}", max_results=1, order_by=["version_number DESC"]
+        )
+        aliases = {a: str(v) for a, v in sorted(rm.aliases.items())}
+        out.append({
+            "name": rm.name,
+            "aliases": aliases,
+            "latest_version": str(latest[0].version) if latest else None,
+            "champion_history": _reconcile(_stored_history(rm), aliases.get(CHAMPION)),
+            "updated": _iso(rm.last_updated_timestamp),
+        })
+    return out
+
+
+def show(name: str, version: str | int | None = None) -> dict[str, Any]:
+    """One version (default: the champion; a number or an alias) with its lineage, metrics,
+    the gate's decision with both scores, its aliases, and a `why` line for people."""
+    client = _client()
+    rm = _registered_model(client, name)
+    mv = _resolve(client, rm, version)
+    v = str(mv.version)
+    tags = dict(mv.tags)
+    alias_map = {a: str(x) for a, x in rm.aliases.items()}
+    aliases = sorted((a for a, x in alias_map.items() if x == v), key=lambda a: (a != CHAMPION, a != CHALLENGER, a))
+    metrics = {k[len("eval."):]: _number(x) for k, x in sorted(tags.items()) if k.startswith("eval.")}
+    reason = tags.get("gate.reason")
+    metric = tags.get("gate.metric")
+    if metric is None and reason and reason.split()[0] in metrics:
+        metric = reason.split()[0]  # versions registered before gate.metric was tagged
+    score = tags.get("gate.score") or (tags.get(f"eval.{metric}") if metric else None)
+    champion_score = tags.get("gate.champion_score")
+    info = {
+        "name": name,
+        "version": v,
+        "aliases": aliases,
+        "champion": alias_map.get(CHAMPION),
+        "created": _iso(mv.creation_timestamp),
+        "metrics": metrics,
+        "gate": {
+            "decision": tags.get("gate.decision"),
+            "reason": reason,
+            "metric": metric,
+            "score": float(score) if score is not None else None,
+            "champion_score": float(champion_score) if champion_score is not None else None,
+            "previous_champion": tags.get("gate.previous_champion"),
+        },
+        "data_fingerprint": tags.get("data_fingerprint"),
+        "config_hash": tags.get("config_hash"),
+        "code_version": tags.get("code_version"),
+        "source_run": tags.get("source_run") or mv.run_id,
+        "parent_run": tags.get("parent_run"),
+        "promoted": {
+            "by": tags["promoted_by"], "reason": tags.get("promote.reason"),
+            "at": tags.get("promote.at"), "previous_champion": tags.get("promote.previous"),
+        } if "promoted_by" in tags else None,
+        "champion_history": _reconcile(_stored_history(rm), alias_map.get(CHAMPION)),
+        "model_uri": f"models:/{name}/{v}",
+        "tags": tags,
+    }
+    info["why"] = _why(v, aliases, alias_map.get(CHAMPION), tags, info["created"])
+    return info
+
+
+def _why(v: str, aliases: list[str], champion: str | None, tags: dict[str, str], created: str | None) -> str:
+    """One sentence: which alias the version holds and the latest event that put it there."""
+    gate = tags.get("gate.reason")
+    if CHAMPION in aliases:
+        events = []
+        if tags.get("gate.decision") == CHAMPION:
+            events.append((created, f"the gate promoted it at registration: {gate}"))
+        if "promote.at" in tags:
+            prev = tags.get("promote.previous")
+            events.append((tags["promote.at"], f"promoted by hand by {tags.get('promoted_by', 'unknown')} at "
+                           f"{tags['promote.at']}{f' over v{prev}' if prev else ''}: {tags.get('promote.reason', '')!r}"))
+        if "rollback.restored_at" in tags:
+            events.append((tags["rollback.restored_at"], f"restored by rollback by {tags.get('rollback.restored_by', 'unknown')} "
+                           f"at {tags['rollback.restored_at']}, replacing v{tags.get('rollback.replaced', '?')}"))
+        if not events:
+            cause = "the champion alias was set outside mlm"
+        else:
+            cause = max(events, key=lambda e: _when(e[0]))[1]
+        if gate and tags.get("gate.decision") != CHAMPION:
+            cause += f" (at registration the gate said {tags.get('gate.decision')}: {gate})"
+        held = " and ".join(aliases)
+        return f"v{v} is {held}: {cause}"
+    where = f"champion is v{champion}" if champion else "there is no champion"
+    held = " and ".join(aliases) if aliases else "not champion"
+    if gate:
+        since = " (since replaced)" if tags.get("gate.decision") == CHAMPION else ""
+        cause = f"the gate made it {tags.get('gate.decision')}{since}: {gate}"
+    else:
+        cause = "the gate never decided on it (its registration did not finish)"
+    if CHALLENGER not in aliases and "rollback.demoted_at" in tags:
+        cause += (f"; rolled back by {tags.get('rollback.demoted_by', 'unknown')} at {tags['rollback.demoted_at']} "
+                  f"to v{tags.get('rollback.restored', '?')}")
+    return f"v{v} is {held} ({where}): {cause}"
+
+
+def promote(name: str, version: str | int, reason: str) -> dict[str, Any]:
+    """Make `version` champion by hand; who (`$USER`), why and when are version tags, and
+    the previous champion stays in the history for `rollback`."""
+    if not reason or not reason.strip():
+        raise RegistryError("promote needs a reason (it is recorded on the version)")
+    client = _client()
+    rm = _registered_model(client, name)
+    mv = _resolve(client, rm, version)
+    v = str(mv.version)
+    previous = rm.aliases.get(CHAMPION)
+    previous = None if previous is None else str(previous)
+    result = {"name": name, "version": v, "previous_champion": previous, "model_uri": f"models:/{name}@{CHAMPION}"}
+    if previous == v:
+        return {**result, "changed": False, "history": _history(client, name)}
+    who, at = _user(), _now()
+    client.set_model_version_tag(name, v, "promoted_by", who)
+    client.set_model_version_tag(name, v, "promote.reason", reason.strip())
+    client.set_model_version_tag(name, v, "promote.at", at)
+    if previous is not None:
+        client.set_model_version_tag(name, v, "promote.previous", previous)
+    elif "promote.previous" in mv.tags:
+        client.delete_model_version_tag(name, v, "promote.previous")
+    history = _move_champion(client, name, v)
+    return {**result, "changed": True, "promoted_by": who, "reason": reason.strip(), "at": at, "history": history}
+
+
+def rollback(name: str) -> dict[str, Any]:
+    """Restore the champion before the current one (walking back one step per call);
+    a RegistryError when there is none."""
+    client = _client()
+    rm = _registered_model(client, name)
+    current = rm.aliases.get(CHAMPION)
+    if current is None:
+        raise RegistryError(f"{name} has no champion to roll back")
+    current = str(current)
+    history = _reconcile(_stored_history(rm), current)
+    # The newest earlier champion that still exists (deleted versions are skipped).
+    target_index = next(
+        (i for i in range(len(history) - 2, -1, -1) if history[i] != current and _version_exists(client, name, history[i])),
+        None,
+    )
+    if target_index is None:
+        raise RegistryError(f"{name} has no earlier champion to roll back to (v{current} is the first in its history)")
+    target = history[target_index]
+    who, at = _user(), _now()
+    client.set_model_version_tag(name, target, "rollback.restored_by", who)
+    client.set_model_version_tag(name, target, "rollback.restored_at", at)
+    client.set_model_version_tag(name, target, "rollback.replaced", current)
+    remaining = history[: target_index + 1]
+    _write_history(client, name, remaining)  # history first, then the alias: see the note above
+    client.set_registered_model_alias(name, CHAMPION, target)  # the commit point
+    # What happened to the old champion, recorded after the fact (nobody needs it atomically).
+    client.set_model_version_tag(name, current, "rollback.demoted_by", who)
+    client.set_model_version_tag(name, current, "rollback.demoted_at", at)
+    client.set_model_version_tag(name, current, "rollback.restored", target)
+    return {
+        "name": name, "version": target, "replaced": current, "rolled_back_by": who, "at": at,
+        "history": remaining, "model_uri": f"models:/{name}@{CHAMPION}",
     }
 
 
