@@ -60,16 +60,25 @@ class TokenizerConfig(_Section):
 
 
 class MaskingConfig(_Section):
-    strategy: Literal["random"] = Field("random", description="Masking strategy for training shards.")
+    strategy: Literal["random", "whole_word", "span", "terms"] = Field(
+        "random", description="Training masking: random tokens, whole words, SpanBERT spans, or user terms."
+    )
     rate: float = Field(0.15, gt=0.0, lt=1.0, description="Share of non-special tokens selected for prediction.")
     mask_fraction: float = Field(0.8, ge=0.0, le=1.0, description="Of the selected: share replaced by [MASK].")
     random_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Of the selected: share replaced by a random token.")
     seed: int = Field(0, description="Seed of the training-shard masking.")
+    duplication: int = Field(1, ge=1, le=20, description="Static masking: k differently masked copies of each sequence.")
+    span_geometric_p: float = Field(0.2, gt=0.0, le=1.0, description="span: p of the geometric span length (in words).")
+    span_max_words: int = Field(10, ge=1, description="span: longest span, in words.")
+    terms_file: Optional[str] = Field(None, description="terms: file with one term or phrase per line.")
+    term_rate: float = Field(0.5, ge=0.0, le=1.0, description="terms: chance that each occurrence of a term is masked.")
 
     @model_validator(mode="after")
     def _fractions(self) -> "MaskingConfig":
         if self.mask_fraction + self.random_fraction > 1.0:
             raise ValueError("masking.mask_fraction + masking.random_fraction must be <= 1")
+        if self.strategy == "terms" and not self.terms_file:
+            raise ValueError("masking.strategy=terms needs masking.terms_file")
         return self
 
 

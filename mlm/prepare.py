@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from mlm import corpus, shards, tokenizer as tok_mod
 from mlm.config import Config
-from mlm.masking import batch_rng, mask_random
+from mlm.masking import apply as apply_masking, batch_rng
 from mlm.packing import pack
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class TokenizePackMask:
     """Ray Data stage: a batch of documents -> packed, masked sequences (+ one stats row)."""
 
     def __init__(self, tokenizer_dir: str, seq_len: int, train_masking: dict, eval_masking: dict,
-                 max_chunk_chars: int = 1_000_000):
+                 max_chunk_chars: int = 1_000_000, terms: list[str] | None = None):
         tok = tok_mod.load_tokenizer(tokenizer_dir)
         self.backend = tok.backend_tokenizer
         self.backend.no_truncation()
@@ -48,6 +48,8 @@ class TokenizePackMask:
         self.special = np.array(sorted(set(tok.all_special_ids)), np.int32)
         self.random_ids = np.setdiff1d(np.arange(len(tok), dtype=np.int32), self.special)
         self.masking = {"train": train_masking, "validation": eval_masking}
+        self.word_start = tok_mod.word_start_table(tok)
+        self.term_ids = [ids for ids in self._encode(list(terms or [])) if len(ids)]
 
     def _encode(self, texts: list[str]) -> list[np.ndarray]:
         """Token ids per document; a very long document is encoded in whitespace-cut
@@ -91,17 +93,22 @@ class TokenizePackMask:
             if not len(ids):
                 continue
             m = self.masking[split]
-            rng = batch_rng(m["seed"], split.encode(), b"".join(batch["doc_hash"][keep].tolist()))
             positions = np.arange(self.seq_len)[None, :]
             maskable = (positions < num_tokens[:, None]) & ~np.isin(ids, self.special)
-            input_ids, labels = mask_random(
-                ids, maskable, rng, rate=m["rate"], mask_fraction=m["mask_fraction"],
-                random_fraction=m["random_fraction"], mask_id=self.mask,
-                random_ids=self.random_ids,
-            )
-            tables.append(shards.to_table(input_ids, labels, num_tokens))
-            splits += [split] * len(ids)
-            tokens[split] += int(num_tokens.sum())
+            content = b"".join(batch["doc_hash"][keep].tolist())
+            for copy in range(m.get("duplication", 1)):
+                # The rng depends on the seed, the copy and the documents only: the same
+                # input masks the same way whatever the number of workers.
+                rng = batch_rng(m["seed"], split.encode(), copy.to_bytes(2, "big"), content)
+                input_ids, labels = apply_masking(
+                    m.get("strategy", "random"), ids, maskable, rng,
+                    word_start=self.word_start[ids], term_ids=self.term_ids,
+                    rate=m["rate"], mask_fraction=m["mask_fraction"], random_fraction=m["random_fraction"],
+                    mask_id=self.mask, random_ids=self.random_ids, **_strategy_options(m),
+                )
+                tables.append(shards.to_table(input_ids, labels, num_tokens))
+                splits += [split] * len(ids)
+                tokens[split] += int(num_tokens.sum())
         # One stats row per batch carries the drop counts to the driver.
         zero = np.zeros((1, self.seq_len), np.int32)
         tables.append(shards.to_table(zero, zero, np.zeros(1, np.int32)))
@@ -111,6 +118,29 @@ class TokenizePackMask:
         return out.append_column("split", pa.array(splits)).append_column(
             "stats", pa.array([""] * (len(splits) - 1) + [stats])
         )
+
+
+def _strategy_options(m: dict) -> dict:
+    """The options `masking.apply` takes for the chosen strategy."""
+    strategy = m.get("strategy", "random")
+    if strategy == "span":
+        return {"geometric_p": m["span_geometric_p"], "max_span": m["span_max_words"]}
+    if strategy == "terms":
+        return {"term_rate": m["term_rate"]}
+    return {}
+
+
+def _read_terms(path: str | None) -> list[str]:
+    if not path:
+        return []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise corpus.InputError(f"cannot read masking.terms_file {path}: {e}") from None
+    terms = [t.strip() for t in lines if t.strip()]
+    if not terms:
+        raise corpus.InputError(f"masking.terms_file {path} holds no term")
+    return terms
 
 
 class Progress:
@@ -158,8 +188,8 @@ def split_long(text: str, max_chars: int) -> list[str]:
     return pieces
 
 
-def _input_fingerprint(files: list[corpus.InputFile], cfg: Config) -> str:
-    h = hashlib.sha256()
+def _input_fingerprint(files: list[corpus.InputFile], cfg: Config, terms: list[str]) -> str:
+    h = hashlib.sha256("\n".join(terms).encode())
     for f in sorted(files, key=lambda f: f.fingerprint):
         h.update(f.fingerprint.encode())
     sections = {k: cfg.to_dict()[k] for k in ("data", "tokenizer", "masking", "eval")}
@@ -200,7 +230,8 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
             f"{sum(len(v) for v in skipped.values())} of {n_files} input files are unusable "
             f"(> data.max_bad_fraction={cfg.data.max_bad_fraction}): {skipped}"
         )
-    fingerprint_inputs = _input_fingerprint(files, cfg)
+    terms = _read_terms(cfg.masking.terms_file)
+    fingerprint_inputs = _input_fingerprint(files, cfg, terms)
     if (out_dir / shards.MANIFEST).exists():
         existing = shards.read_manifest(out_dir)
         if existing.get("inputs_fingerprint") == fingerprint_inputs and not shards.verify(out_dir):
@@ -238,6 +269,7 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
         fn_constructor_kwargs={
             "tokenizer_dir": str(tok_dir), "seq_len": cfg.data.seq_len,
             "train_masking": masking, "eval_masking": eval_masking, "max_chunk_chars": cfg.data.max_chunk_chars,
+            "terms": terms,
         },
         batch_size=cfg.data.pack_batch_docs,
         batch_format="numpy",
