@@ -167,6 +167,68 @@ def data_stats(data_dir) -> None:
 
 
 @cli.group()
+def models() -> None:
+    """Registered models: list, show, promote and roll back by hand."""
+
+
+@models.command("list")
+def models_list() -> None:
+    """Every registered model with its aliases and latest version."""
+    from mlm.registry import list_models
+
+    _echo_json(list_models())
+
+
+@models.command("show")
+@click.argument("name")
+@click.argument("version", required=False)
+def models_show(name, version) -> None:
+    """A version (default: the champion): metrics, lineage tags and why it holds its alias."""
+    from mlm.registry import show
+
+    info = show(name, version)
+    click.echo(info["why"])
+    _echo_json({k: v for k, v in info.items() if k not in ("why", "tags")})
+
+
+@models.command("promote")
+@click.argument("name")
+@click.argument("version")
+@click.option("--reason", required=True, help="Why, recorded on the version.")
+def models_promote(name, version, reason) -> None:
+    """Make VERSION the champion (the previous one can be restored with rollback)."""
+    from mlm.registry import promote
+
+    _echo_json(promote(name, version, reason))
+
+
+@models.command("rollback")
+@click.argument("name")
+def models_rollback(name) -> None:
+    """Restore the previous champion."""
+    from mlm.registry import rollback
+
+    _echo_json(rollback(name))
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback unless you mean it).")
+@click.option("--port", default=5000, show_default=True, type=int)
+def ui(host, port) -> None:
+    """Open the MLflow UI on the configured store."""
+    from mlm.runtime import artifact_root, tracking_uri
+
+    uri = tracking_uri()
+    if not uri.startswith(("sqlite:", "postgresql:", "mysql:")):
+        click.echo(f"the tracking store is a server: open {uri}")
+        return
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+           "--default-artifact-root", artifact_root(), "--host", host, "--port", str(port)]
+    click.echo(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)", err=True)
+    os.execv(sys.executable, cmd)
+
+
+@cli.group()
 def pipeline() -> None:
     """End-to-end pipelines."""
 

@@ -183,3 +183,49 @@ def test_failed_registration_leaves_aliases(model_dirs, cfg, monkeypatch):
     assert _aliases() == before and _stored_history() == history
     info = show(NAME, 5)
     assert info["aliases"] == [] and "the gate never decided" in info["why"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_models_and_ui_over_rest(model_dirs, store):
+    """`mlm models` reads the same store; `mlm ui` serves it on loopback over MLflow's REST API."""
+    import os
+    import subprocess
+    import time
+    import urllib.request
+
+    env = {**os.environ, "MLM_HOME": str(store)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out = subprocess.run(["mlm", "models", "list"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert NAME in [m["name"] for m in json.loads(out.stdout)]
+    show = subprocess.run(["mlm", "models", "show", NAME], capture_output=True, text=True, env=env, timeout=120)
+    assert show.returncode == 0 and show.stdout.startswith("v") and "champion" in show.stdout.splitlines()[0]
+    bad = subprocess.run(["mlm", "models", "show", "no-such-model"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("mlm: error:")
+
+    port = _free_port()
+    server = subprocess.Popen(["mlm", "ui", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/registered-models/get?name={NAME}"
+        deadline, body = time.time() + 90, None
+        while time.time() < deadline and body is None:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    body = json.loads(r.read())
+            except OSError:
+                time.sleep(1)
+        assert body is not None, "the MLflow server did not answer on loopback"
+        model = body["registered_model"]
+        assert {a["alias"] for a in model.get("aliases", [])} >= {"champion"}
+        assert any(t["key"] == "champion_history" for t in model.get("tags", []))
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
