@@ -229,6 +229,41 @@ def ui(host, port) -> None:
 
 
 @cli.group()
+def bench() -> None:
+    """Benchmarks: ratios against a reference measured in the same run."""
+
+
+@bench.command("train")
+@click.option("--data", "data_dir", default=None, help="Dataset folder (default: the built-in corpus, prepared once).")
+@click.option("--steps", default=30, show_default=True, type=click.IntRange(1))
+@click.option("--warmup", default=5, show_default=True, type=click.IntRange(0))
+@PRESET
+@SET
+def bench_train(data_dir, steps, warmup, preset, overrides) -> None:
+    """Training tokens/s (and MFU on GPUs) next to the Hugging Face Trainer, same model,
+    batch, precision and data."""
+    from mlm.bench import bench_train as run
+    from mlm.corpus import DEFAULT_CORPUS
+    from mlm.pipeline import data_key
+    from mlm.runtime import work_dir
+
+    cfg = load_config(preset, overrides)
+    if data_dir is None:
+        from mlm.prepare import prepare
+
+        data_dir = work_dir() / "data" / data_key([DEFAULT_CORPUS], cfg)
+        prepare([DEFAULT_CORPUS], data_dir, cfg, overwrite=True)
+    r = run(cfg, data_dir, steps, warmup)
+    click.echo(f"mlm bench train: preset {preset}, {r['device']}, {r['precision']}, batch {r['batch']}, "
+               f"{r['timed_steps']} timed steps after {warmup} warm-up")
+    for who, key in (("mlm", "mlm"), ("HF Trainer", "hf_trainer")):
+        mfu = f"  MFU {r[key + '_mfu']:.1%}" if key + "_mfu" in r else ""
+        click.echo(f"  {who:<11} {r[key + '_tokens_per_s']:>12,.0f} tokens/s{mfu}")
+    click.echo(f"  speedup     {r['speedup']:>12.2f}x")
+    _echo_json(r)
+
+
+@cli.group()
 def pipeline() -> None:
     """End-to-end pipelines."""
 

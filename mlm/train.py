@@ -72,7 +72,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch
     from transformers import BertForMaskedLM
 
-    from mlm.model import build_model
+    from mlm.model import build_model, masked_lm_objective
 
     cfg: Config = config_from_dict(loop_config["config"])
     tc = cfg.train
@@ -92,8 +92,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_step, start_epoch, opt_state = state["step"], state["epoch"] + 1, state["optimizer"]
     else:
         model = build_model(cfg.model, loop_config["vocab_size"], loop_config["pad_token_id"])
-    model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, NCCL on GPU)
-    raw_model = model.module if hasattr(model, "module") else model
+    raw_model = model
+    # DDP wraps the objective (encoder + sparse head), so gradients sync through it.
+    model = ray.train.torch.prepare_model(masked_lm_objective(raw_model))  # gloo on CPU, NCCL on GPU
     optimizer = torch.optim.AdamW(
         _param_groups(raw_model, tc.weight_decay), lr=tc.learning_rate, betas=(0.9, 0.98), eps=1e-6,
         fused=device.type == "cuda",
@@ -127,9 +128,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             sync = micro % accumulation == 0
             # Gradients are all-reduced only on the last micro-batch of a step.
             with (model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()):
-                out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"])
-                (out.loss / accumulation).backward()
-            loss_sum += float(out.loss.detach())
+                loss = model(inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+                (loss / accumulation).backward()
+            loss_sum += float(loss.detach())
             loss_count += 1
             window_tokens += inputs["tokens"]
             if not sync:
@@ -170,7 +171,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     if is_rank0:
                         _save_checkpoint(Path(tmp), raw_model, optimizer, step, epoch)
                         ckpt = ray.train.Checkpoint.from_directory(tmp)
-                    ray.train.report({"step": step, "train_loss": float(out.loss.detach()), "epoch": epoch}, checkpoint=ckpt)
+                    ray.train.report({"step": step, "train_loss": float(loss.detach()), "epoch": epoch}, checkpoint=ckpt)
             if step >= tc.max_steps:
                 break
         if seen_in_epoch == 0:

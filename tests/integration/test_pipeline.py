@@ -137,3 +137,19 @@ def test_prepare_is_idempotent_and_training_refuses_corrupt_shards(result, tmp_p
     shard.write_bytes(bytes(data))
     with pytest.raises(DatasetError, match=shard.name):
         train(broken, tmp_path / "run", cfg)
+
+
+def test_bench_train_reports_both_contenders(result):
+    """The benchmark runs both training steps on the same data; no timing asserted."""
+    from mlm.bench import bench_train, flops_per_token
+    from mlm.model import build_model, count_parameters
+
+    cfg = load_config("tiny")
+    r = bench_train(cfg, result["data_dir"], steps=3, warmup=1)
+    assert r["mlm_tokens_per_s"] > 0 and r["hf_trainer_tokens_per_s"] > 0
+    assert r["speedup"] == pytest.approx(r["mlm_tokens_per_s"] / r["hf_trainer_tokens_per_s"])
+    assert "mlm_mfu" not in r  # no known peak on a CPU
+    # the FLOP count follows the parameter count (6 per parameter-token, embeddings excluded)
+    n_params = count_parameters(build_model(cfg.model, 4096, 0))
+    embeddings = 4096 * 128 + 128 * 128 + 2 * 128
+    assert 5.5 * (n_params - embeddings) < flops_per_token(cfg, 4096, 128) < 8 * n_params

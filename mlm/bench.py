@@ -1,0 +1,161 @@
+"""Benchmarks as commands: ratios against a reference measured in the same run.
+
+`mlm bench train`: our training step (sparse masked-LM head, fused AdamW and bf16 on
+GPU) against the Hugging Face Trainer on BertForMaskedLM, same config, batch,
+sequence length, precision, data and device, one process each in turn.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mlm import shards
+from mlm.config import Config
+
+# Dense bf16 peak FLOP/s by device name fragment (vendor datasheets, no sparsity).
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
+
+
+def flops_per_token(cfg: Config, vocab_size: int, seq_len: int) -> float:
+    """Model FLOPs per token for forward+backward (6 per parameter-token, as in the
+    PaLM/Chinchilla accounting) plus attention scores; the dense vocabulary head is
+    counted for both contenders so MFU compares like with like."""
+    m = cfg.model
+    per_layer = 4 * m.hidden_size**2 + 2 * m.hidden_size * m.intermediate_size
+    head = m.hidden_size**2 + m.hidden_size * vocab_size
+    attention = 2 * m.num_layers * seq_len * m.hidden_size  # QK^T and AV, per token
+    return 6 * (m.num_layers * per_layer + head) + 6 * attention
+
+
+def _batches(data_dir: Path, micro: int, count: int) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    from mlm.train import batch_to_tensors
+
+    out: list[dict[str, Any]] = []
+    while len(out) < count:
+        for path in shards.shard_paths(data_dir, "train"):
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=micro):
+                if batch.num_rows == micro:
+                    out.append(batch_to_tensors(batch, "cpu"))
+                if len(out) == count:
+                    return out
+    return out
+
+
+def _our_steps(cfg: Config, vocab: int, pad: int, batches, device, warmup: int) -> float:
+    """Seconds for the timed steps of our training step."""
+    import torch
+
+    from mlm.model import build_model, masked_lm_objective
+    from mlm.train import _param_groups
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, vocab, pad).to(device)
+    objective = masked_lm_objective(model).train()
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, cfg.train.weight_decay), lr=cfg.train.learning_rate, fused=device.type == "cuda"
+    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    start = None
+    for i, b in enumerate(batches):
+        if i == warmup:
+            _sync(device)
+            start = time.perf_counter()
+        with autocast:
+            loss = objective(b["input_ids"].to(device), b["attention_mask"].to(device), b["labels"].to(device))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _hf_steps(cfg: Config, vocab: int, pad: int, batches, device, warmup: int) -> float:
+    """Seconds for the timed steps of the Hugging Face Trainer."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from mlm.model import build_model
+
+    rows = [
+        {k: b[k][i] for k in ("input_ids", "attention_mask", "labels")}
+        for b in batches
+        for i in range(b["input_ids"].shape[0])
+    ]
+    marks: dict[str, float] = {}
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == warmup:
+                _sync(device)
+                marks["start"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            _sync(device)
+            marks["end"] = time.perf_counter()
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, vocab, pad)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=batches[0]["input_ids"].shape[0], max_steps=len(batches),
+            learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.grad_clip,
+            logging_steps=10**9, save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
+            use_cpu=device.type != "cuda", bf16=device.type == "cuda", seed=cfg.train.seed,
+        )
+        Trainer(model=model, args=args, train_dataset=rows, callbacks=[Clock()]).train()
+    return marks["end"] - marks["start"]
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_train(cfg: Config, data_dir: str | Path, steps: int = 30, warmup: int = 5) -> dict[str, Any]:
+    import torch
+
+    from mlm.tokenizer import load_tokenizer
+
+    data_dir = Path(data_dir)
+    manifest = shards.read_manifest(data_dir)
+    tok = load_tokenizer(data_dir / manifest["tokenizer"]["dir"])
+    micro = cfg.train.micro_batch_size
+    batches = _batches(data_dir, micro, warmup + steps)
+    if len(batches) < warmup + steps:
+        raise shards.DatasetError(f"{data_dir} holds fewer than {warmup + steps} batches of {micro}")
+    use_cuda = cfg.train.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda" if use_cuda else "cpu")
+    if not use_cuda:
+        torch.set_num_threads(os.cpu_count() or 1)
+    name = torch.cuda.get_device_name() if use_cuda else f"cpu ({torch.get_num_threads()} threads)"
+    tokens = sum(b["tokens"] for b in batches[warmup:])
+    ours = _our_steps(cfg, len(tok), tok.pad_token_id, batches, device, warmup)
+    hf = _hf_steps(cfg, len(tok), tok.pad_token_id, batches, device, warmup)
+    fpt = flops_per_token(cfg, len(tok), manifest["seq_len"])
+    peak = peak_flops(name) if use_cuda else None
+    result = {
+        "device": name,
+        "precision": "bf16 autocast" if use_cuda else "float32",
+        "batch": f"{micro} x {manifest['seq_len']}",
+        "timed_steps": steps,
+        "mlm_tokens_per_s": tokens / ours,
+        "hf_trainer_tokens_per_s": tokens / hf,
+        "speedup": hf / ours,
+    }
+    if peak:
+        result["mlm_mfu"] = fpt * tokens / ours / peak
+        result["hf_trainer_mfu"] = fpt * tokens / hf / peak
+    return result
