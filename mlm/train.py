@@ -110,6 +110,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         mlflow_client = MlflowClient(tracking_uri=loop_config["tracking_uri"])
 
     accumulation = tc.global_batch_size // (tc.micro_batch_size * world_size)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     shard = ray.train.get_dataset_shard("train")
     step, epoch, micro = start_step, start_epoch, 0
     window_tokens, window_start, loss_sum, loss_count = 0, time.time(), 0.0, 0
@@ -128,7 +129,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             sync = micro % accumulation == 0
             # Gradients are all-reduced only on the last micro-batch of a step.
             with (model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()):
-                loss = model(inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+                with autocast:  # bf16 matmuls on GPU; the loss itself is computed in float32
+                    loss = model(inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
                 (loss / accumulation).backward()
             loss_sum += float(loss.detach())
             loss_count += 1
