@@ -198,12 +198,20 @@ def _input_fingerprint(files: list[corpus.InputFile], cfg: Config, terms: list[s
 
 
 _OURS = re.compile(r"^(\.?(train|validation)-\d{5}\.parquet(\.tmp\d+)?|\..*\.tmp\d+|tokenizer(\.tmp\d+)?)$")
+TOKENIZER_MARK = "mlm-inputs-fingerprint.txt"
 
 
-def _clear_unfinished(out_dir: Path) -> None:
+def _reusable_tokenizer(out_dir: Path, fingerprint_inputs: str) -> bool:
+    """An interrupted run's tokenizer, trained on these very inputs and settings, is
+    kept: retraining could break frequency ties differently and change every shard."""
+    mark = out_dir / "tokenizer" / TOKENIZER_MARK
+    return mark.is_file() and mark.read_text().strip() == fingerprint_inputs
+
+
+def _clear_unfinished(out_dir: Path, keep_tokenizer: bool = False) -> None:
     """Remove what an interrupted run left (never a dataset: it had no manifest)."""
     for p in out_dir.iterdir():
-        if _OURS.match(p.name):
+        if _OURS.match(p.name) and not (keep_tokenizer and p.name == "tokenizer"):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
@@ -243,21 +251,26 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
             )
         (out_dir / shards.MANIFEST).unlink()  # from here on the folder is not a dataset
     out_dir.mkdir(parents=True, exist_ok=True)
-    _clear_unfinished(out_dir)
+    reuse_tokenizer = not cfg.tokenizer.path and _reusable_tokenizer(out_dir, fingerprint_inputs)
+    _clear_unfinished(out_dir, keep_tokenizer=reuse_tokenizer)
 
     ensure_ray()
     quiet_ray_data()
     docs = corpus.read_documents(files, cfg.data)
 
     tok_dir = out_dir / "tokenizer"
-    if cfg.tokenizer.path:
-        tokenizer = tok_mod.load_tokenizer(cfg.tokenizer.path)
+    if reuse_tokenizer:
+        log.info("reusing the tokenizer of an interrupted run in %s", tok_dir)
     else:
-        texts = _sample_texts(docs, cfg.tokenizer.sample_docs)
-        if not texts:
-            raise corpus.InputError("empty corpus: no document left after cleaning")
-        tokenizer = tok_mod.train_tokenizer(texts, cfg.tokenizer)
-    tok_mod.save_tokenizer(tokenizer, tok_dir)
+        if cfg.tokenizer.path:
+            tokenizer = tok_mod.load_tokenizer(cfg.tokenizer.path)
+        else:
+            texts = _sample_texts(docs, cfg.tokenizer.sample_docs)
+            if not texts:
+                raise corpus.InputError("empty corpus: no document left after cleaning")
+            tokenizer = tok_mod.train_tokenizer(texts, cfg.tokenizer)
+        tok_mod.save_tokenizer(tokenizer, tok_dir)
+        (tok_dir / TOKENIZER_MARK).write_text(fingerprint_inputs)
     tokenizer = tok_mod.load_tokenizer(tok_dir)  # fingerprint what readers will load
 
     masking = cfg.masking.model_dump()

@@ -78,8 +78,18 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig):
     from tokenizers import processors
     from transformers import BertTokenizerFast, PreTrainedTokenizerFast
 
+    from tokenizers import models
+
     tok, trainer = _blank(cfg)
     tok.train_from_iterator(texts, trainer)
+    if cfg.kind == "wordpiece":
+        # The WordPiece trainer numbers its vocabulary in hash-map order; sorted ids at
+        # least make equal vocabularies equal. (Its tie-breaking between equally frequent
+        # pairs also follows hash-map order, so two trainings can still differ in a few
+        # tokens: prepare reuses the tokenizer of an interrupted run for that reason.)
+        vocab = tok.get_vocab()
+        ordered = SPECIAL_TOKENS + sorted(t for t in vocab if t not in SPECIAL_TOKENS)
+        tok.model = models.WordPiece(vocab={t: i for i, t in enumerate(ordered)}, unk_token="[UNK]")
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

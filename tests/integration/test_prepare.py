@@ -108,3 +108,56 @@ def test_strategies_and_duplication(ray_cluster, prose_file, tmp_path):
     the = tok.convert_tokens_to_ids("the")
     original = np.where(t_labels >= 0, t_labels, t_ids)
     assert (t_labels[original == the] >= 0).mean() > 0.95  # every occurrence of a term is selected
+
+
+def test_killed_prepare_leaves_no_dataset_and_rerun_matches(tmp_path, work):
+    """SIGKILL `mlm prepare` once its first shard exists: the folder is not a dataset;
+    a rerun gives exactly the shards (same sha256) of an uninterrupted run with the same
+    tokenizer. (The rerun reuses the interrupted run's tokenizer: WordPiece training
+    breaks frequency ties in hash-map order, so the clean run is given that tokenizer.)"""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from mlm.shards import DatasetError
+
+    src = tmp_path / "corpus.txt"
+    src.write_text("\n\n".join(_prose(3000, 60)))
+    args = ["--set", "data.rows_per_shard=40", "--set", "data.pack_batch_docs=32", "--set", "tokenizer.vocab_size=800"]
+    env = {**os.environ, "MLM_HOME": str(work), "MLM_PROGRESS": "0"}
+    env.pop("RAY_ADDRESS", None)
+
+    def run(out, kill_on_first_shard=False):
+        proc = subprocess.Popen(["mlm", "prepare", str(src), "--out", str(out), *args], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        if not kill_on_first_shard:
+            assert proc.wait(timeout=600) == 0
+            return False
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if out.is_dir() and any(p.name.startswith("train-") for p in out.iterdir()):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return True
+            time.sleep(0.05)
+        return False
+
+    import shutil
+
+    killed = tmp_path / "killed"
+    assert run(killed, kill_on_first_shard=True), "prepare finished before its first shard could be seen"
+    with pytest.raises(DatasetError, match="not a dataset"):
+        read_manifest(killed)
+    first_tokenizer = (killed / "tokenizer" / "tokenizer.json").read_bytes()
+    run(killed)
+    assert verify(killed) == []
+    assert (killed / "tokenizer" / "tokenizer.json").read_bytes() == first_tokenizer
+    shutil.copytree(killed / "tokenizer", tmp_path / "tok")
+    clean = tmp_path / "clean"
+    args += ["--set", f"tokenizer.path={tmp_path / 'tok'}"]
+    run(clean)
+    hashes = lambda d: [(s["file"], s["sha256"]) for sp in ("train", "validation")  # noqa: E731
+                        for s in read_manifest(d)["splits"][sp]["shards"]]
+    assert len(hashes(clean)) > 3 and hashes(killed) == hashes(clean)
+    assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in clean.iterdir())

@@ -52,3 +52,11 @@ def test_every_kind_has_bert_specials_and_word_starts(texts, tmp_path, kind):
     starts = word_start_table(tok)
     assert starts.shape == (700,) and starts[ids[1]]  # "the" begins a word
     assert not starts.all()  # some pieces continue a word
+
+
+def test_byte_level_bpe_training_is_deterministic(texts):
+    """BPE with its fixed byte alphabet gives the same ids run after run. (WordPiece and
+    unigram training in `tokenizers` break ties in hash-map order; prepare reuses an
+    interrupted run's tokenizer instead, tested in integration/test_prepare.py.)"""
+    vocabs = [train_tokenizer(texts, TokenizerConfig(kind="bpe", vocab_size=700)).get_vocab() for _ in range(3)]
+    assert vocabs[0] == vocabs[1] == vocabs[2]
