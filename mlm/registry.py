@@ -591,7 +591,3 @@ def rollback(name: str) -> dict[str, Any]:
         "name": name, "version": target, "replaced": current, "rolled_back_by": who, "at": at,
         "history": remaining, "model_uri": f"models:/{name}@{CHAMPION}",
     }
-
-
-def json_line(d: dict[str, Any]) -> str:
-    return json.dumps(d, sort_keys=True, default=str)

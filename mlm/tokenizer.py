@@ -51,24 +51,21 @@ def _blank(cfg: TokenizerConfig):
     return tok, trainers.UnigramTrainer(unk_token="[UNK]", **common)
 
 
-def word_start_table(tokenizer) -> "np.ndarray":
+def word_start_table(tokenizer):
     """bool per token id: True where the token begins a word (for whole-word and span
     masking). WordPiece marks continuations with '##'; byte-level BPE marks word starts
     with 'Ġ'; unigram/Metaspace with '▁'. Special tokens count as word starts."""
     import numpy as np
 
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    kind = spec["model"]["type"]
-    table = np.ones(len(tokenizer), dtype=bool)
-    for token, i in tokenizer.get_vocab().items():
-        if i >= len(table):
-            continue
-        if kind == "WordPiece":
-            table[i] = not token.startswith("##")
-        elif kind == "BPE":
-            table[i] = token.startswith("\u0120")
-        else:
-            table[i] = token.startswith("\u2581")
+    from mlm.masking import word_start_table as wordpiece_starts
+
+    kind = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["type"]
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    if kind == "WordPiece":
+        table = wordpiece_starts(tokens)
+    else:  # these mark the start of a word instead of its continuation
+        marker = "\u0120" if kind == "BPE" else "\u2581"
+        table = np.array([t.startswith(marker) for t in tokens], dtype=bool)
     table[list(tokenizer.all_special_ids)] = True
     return table
 

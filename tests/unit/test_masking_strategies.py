@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mlm.masking import (
-    IGNORE_INDEX, STRATEGIES, apply, mask_random, mask_span, mask_terms, mask_whole_word,
+    IGNORE_INDEX, STRATEGIES, apply, mask_random, mask_span, mask_terms,
     row_rng, word_start_table,
 )
 
