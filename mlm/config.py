@@ -43,6 +43,13 @@ class DataConfig(_Section):
     max_chunk_chars: int = Field(
         1_000_000, ge=1000, description="Longer documents are tokenized in chunks cut at whitespace (bounded memory)."
     )
+    read_chunk_bytes: int = Field(
+        4 << 20, ge=1 << 16, description="Uncompressed text inputs are cut into ranges of about this many bytes (units of work)."
+    )
+    dedup: bool = Field(False, description="Drop exact duplicate documents (after cleaning); the first occurrence is kept.")
+    packing: Literal["pack", "pad"] = Field(
+        "pack", description="pack: documents packed across sequences with [SEP]; pad: one document per sequence, padded, length-binned."
+    )
     max_bad_fraction: float = Field(
         0.5, ge=0.0, le=1.0, description="Fail when more than this share of input files, or of documents, is unusable."
     )
@@ -66,7 +73,10 @@ class MaskingConfig(_Section):
     rate: float = Field(0.15, gt=0.0, lt=1.0, description="Share of non-special tokens selected for prediction.")
     mask_fraction: float = Field(0.8, ge=0.0, le=1.0, description="Of the selected: share replaced by [MASK].")
     random_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Of the selected: share replaced by a random token.")
-    seed: int = Field(0, description="Seed of the training-shard masking.")
+    mode: Literal["static", "dynamic"] = Field(
+        "static", description="static: masks stored in the shards; dynamic: unmasked ids stored, masked at load time per epoch."
+    )
+    seed: int = Field(0, description="Seed of the training masking (static: in the shards; dynamic: at load time).")
     duplication: int = Field(1, ge=1, le=20, description="Static masking: k differently masked copies of each sequence.")
     span_geometric_p: float = Field(0.2, gt=0.0, le=1.0, description="span: p of the geometric span length (in words).")
     span_max_words: int = Field(10, ge=1, description="span: longest span, in words.")
@@ -77,6 +87,8 @@ class MaskingConfig(_Section):
     def _fractions(self) -> "MaskingConfig":
         if self.mask_fraction + self.random_fraction > 1.0:
             raise ValueError("masking.mask_fraction + masking.random_fraction must be <= 1")
+        if self.mode == "dynamic" and self.duplication > 1:
+            raise ValueError("masking.duplication > 1 is static masking; with masking.mode=dynamic every epoch is a new mask")
         if self.strategy == "terms" and not self.terms_file:
             raise ValueError("masking.strategy=terms needs masking.terms_file")
         return self

@@ -398,3 +398,44 @@ def apply(
     if word_start is None:
         raise ValueError(f"masking strategy {strategy!r} needs word_start")
     return STRATEGIES[strategy](ids, maskable, word_start, rng, **common)
+
+
+# --- one object for the data stage (static) and the training loop (dynamic) -------------
+
+
+class Masker:
+    """A masking strategy bound to a tokenizer's tables, built from plain data (`spec`) so
+    it travels to Ray workers in a config: the prepare stage masks batches with it
+    (static masking), the training loop masks rows at load time (dynamic masking)."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.strategy = spec.get("strategy", "random")
+        self.special = np.asarray(spec["special_ids"], np.int32)
+        self.mask_id = int(spec["mask_id"])
+        self.random_ids = np.setdiff1d(np.arange(spec["vocab_size"], dtype=np.int32), self.special)
+        self.word_start = np.asarray(spec["word_start"], bool)
+        self.term_ids = [np.asarray(t, np.int32) for t in spec.get("term_ids", [])]
+        self.common = {k: spec[k] for k in ("rate", "mask_fraction", "random_fraction")}
+        if self.strategy == "span":
+            self.common |= {"geometric_p": spec["span_geometric_p"], "max_span": spec["span_max_words"]}
+        elif self.strategy == "terms":
+            self.common["term_rate"] = spec["term_rate"]
+
+    def __call__(self, ids: np.ndarray, num_tokens: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Mask a batch [rows, seq_len] with one rng; padding and specials are never picked."""
+        maskable = (np.arange(ids.shape[1])[None, :] < num_tokens[:, None]) & ~np.isin(ids, self.special)
+        return apply(
+            self.strategy, ids, maskable, rng, word_start=self.word_start[ids], term_ids=self.term_ids,
+            mask_id=self.mask_id, random_ids=self.random_ids, **self.common,
+        )
+
+    def dynamic(self, ids: np.ndarray, num_tokens: np.ndarray, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Dynamic masking at load time: each row is masked with its own rng drawn from
+        (seed, epoch, row content), so a row gets a new mask every epoch, the same one on
+        a rerun or a resume, whichever worker or batch it lands in."""
+        out_ids, labels = np.empty_like(ids), np.empty_like(ids)
+        for i in range(len(ids)):
+            key = int.from_bytes(hashlib.blake2b(ids[i].tobytes(), digest_size=8).digest(), "big")
+            out_ids[i : i + 1], labels[i : i + 1] = self(ids[i : i + 1], num_tokens[i : i + 1], row_rng(seed, epoch, key))
+        return out_ids, labels

@@ -47,3 +47,23 @@ def unpack(ids: np.ndarray, num_tokens: np.ndarray, sep_id: int) -> list[np.ndar
         docs.append(stream[start:c])
         start = c + 1
     return docs
+
+
+def pad_documents(docs: list[np.ndarray], seq_len: int, cls_id: int, sep_id: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """The alternative to packing: one document per sequence ([CLS] doc [SEP] [PAD]...),
+    a document longer than seq_len - 2 continued in further sequences; rows sorted by
+    length (stable), so neighbouring rows form length bins and a batch can be trimmed
+    to its longest row. Returns ids [n, seq_len] int32 and num_tokens [n] int32."""
+    if seq_len < 3:
+        raise ValueError("seq_len must leave room for [CLS], one token and [SEP]")
+    body = seq_len - 2
+    pieces = [np.asarray(d[i : i + body], np.int32) for d in docs if len(d) for i in range(0, len(d), body)]
+    ids = np.full((len(pieces), seq_len), pad_id, np.int32)
+    num_tokens = np.zeros(len(pieces), np.int32)
+    for row, piece in enumerate(pieces):
+        ids[row, 0] = cls_id
+        ids[row, 1 : 1 + len(piece)] = piece
+        ids[row, 1 + len(piece)] = sep_id
+        num_tokens[row] = len(piece) + 2
+    order = np.argsort(num_tokens, kind="stable")
+    return ids[order], num_tokens[order]

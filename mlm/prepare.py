@@ -9,6 +9,7 @@ last.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -18,38 +19,45 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from mlm import corpus, shards, tokenizer as tok_mod
-from mlm.config import Config
-from mlm.masking import apply as apply_masking, batch_rng
-from mlm.packing import pack
+from mlm.config import Config, DataConfig
+from mlm.masking import IGNORE_INDEX, Masker, batch_rng
+from mlm.packing import pack, pad_documents
 
 log = logging.getLogger(__name__)
 _STATS = "_stats"
 
 
 class TokenizePackMask:
-    """Ray Data stage: a batch of documents -> packed, masked sequences (+ one stats row)."""
+    """Ray Data stage, one range of input per call: read -> clean -> tokenize -> pack ->
+    mask, yielding a table of sequences (+ one stats row) per group of documents.
 
-    def __init__(self, tokenizer_dir: str, seq_len: int, train_masking: dict, eval_masking: dict,
-                 max_chunk_chars: int = 1_000_000, terms: list[str] | None = None):
-        tok = tok_mod.load_tokenizer(tokenizer_dir)
-        self.backend = tok.backend_tokenizer
+    Reading inside the stage keeps documents out of the object store; the groups are
+    cut by position in the range, so the output depends on the input and the config
+    only, never on how many workers run."""
+
+    def __init__(self, tokenizer_file: str, special: dict[str, int], data_cfg: dict, maskers: dict[str, dict],
+                 dynamic_train: bool):
+        from tokenizers import Tokenizer
+
+        # The Rust tokenizer alone: importing transformers would add seconds to every
+        # actor's start.
+        self.backend = Tokenizer.from_file(tokenizer_file)
         self.backend.no_truncation()
         self.backend.no_padding()
         # "[SEP]" typed in a document is text, not a boundary: keeps packing invertible.
         self.backend.encode_special_tokens = True
-        self.seq_len, self.max_chunk_chars = seq_len, max_chunk_chars
-        self.cls, self.sep, self.pad, self.mask = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.mask_token_id
-        self.special = np.array(sorted(set(tok.all_special_ids)), np.int32)
-        self.random_ids = np.setdiff1d(np.arange(len(tok), dtype=np.int32), self.special)
-        self.masking = {"train": train_masking, "validation": eval_masking}
-        self.word_start = tok_mod.word_start_table(tok)
-        self.term_ids = [ids for ids in self._encode(list(terms or [])) if len(ids)]
+        self.data = DataConfig(**data_cfg)
+        self.seq_len, self.max_chunk_chars = self.data.seq_len, self.data.max_chunk_chars
+        self.cls, self.sep, self.pad = special["cls"], special["sep"], special["pad"]
+        self.maskers = {split: Masker(spec) for split, spec in maskers.items()}
+        self.dynamic_train = dynamic_train
+        self.group_fn = pack if self.data.packing == "pack" else pad_documents
 
     def _encode(self, texts: list[str]) -> list[np.ndarray]:
         """Token ids per document; a very long document is encoded in whitespace-cut
@@ -76,40 +84,50 @@ class TokenizePackMask:
         flush()
         return [np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in out]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        reasons = batch["drop_reason"]
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        for job in batch.to_pylist():
+            r = corpus.Range(**job["range"])
+            skip, kept, rows = set(job["skip"]), 0, []
+            for row in corpus.iter_range(r, self.data):
+                if not row["drop_reason"]:
+                    if kept in skip:  # an exact duplicate of an earlier document
+                        row = corpus.DROPPED | {"drop_reason": "duplicate"}
+                    kept += 1
+                rows.append(row)
+                if len(rows) == self.data.pack_batch_docs:
+                    yield self._group(rows)
+                    rows = []
+            yield self._group(rows, range_bytes=job["bytes"])  # also reports the range as done
+
+    def _group(self, rows: list[dict], range_bytes: int = 0) -> pa.Table:
+        reasons = np.array([r["drop_reason"] for r in rows], dtype=object)
         counts: Counter = Counter(r for r in reasons.tolist() if r)
-        counts["_chars"] = int(sum(len(t) for t in batch["text"].tolist()))
+        counts["_bytes"] = range_bytes
         tables, splits = [], []
-        tokens = {"train": 0, "validation": 0}
         for split in ("train", "validation"):
-            keep = (reasons == "") & (batch["split"] == split)
-            if not keep.any():
+            keep = [i for i, r in enumerate(rows) if not r["drop_reason"] and r["split"] == split]
+            if not keep:
                 continue
-            docs = self._encode(batch["text"][keep].tolist())
+            docs = self._encode([rows[i]["text"] for i in keep])
             counts["no_tokens"] += sum(1 for d in docs if len(d) == 0)
             counts[f"docs_{split}"] += sum(1 for d in docs if len(d))
-            ids, num_tokens = pack(docs, self.seq_len, self.cls, self.sep, self.pad)
+            ids, num_tokens = self.group_fn(docs, self.seq_len, self.cls, self.sep, self.pad)
             if not len(ids):
                 continue
-            m = self.masking[split]
-            positions = np.arange(self.seq_len)[None, :]
-            maskable = (positions < num_tokens[:, None]) & ~np.isin(ids, self.special)
-            content = b"".join(batch["doc_hash"][keep].tolist())
-            for copy in range(m.get("duplication", 1)):
+            if split == "train" and self.dynamic_train:  # masked at load time by the trainer
+                tables.append(shards.to_table(ids, np.full_like(ids, IGNORE_INDEX), num_tokens))
+                splits += [split] * len(ids)
+                continue
+            masker = self.maskers[split]
+            content = b"".join(rows[i]["doc_hash"] for i in keep)
+            for copy in range(masker.spec.get("duplication", 1)):
                 # The rng depends on the seed, the copy and the documents only: the same
                 # input masks the same way whatever the number of workers.
-                rng = batch_rng(m["seed"], split.encode(), copy.to_bytes(2, "big"), content)
-                input_ids, labels = apply_masking(
-                    m.get("strategy", "random"), ids, maskable, rng,
-                    word_start=self.word_start[ids], term_ids=self.term_ids,
-                    rate=m["rate"], mask_fraction=m["mask_fraction"], random_fraction=m["random_fraction"],
-                    mask_id=self.mask, random_ids=self.random_ids, **_strategy_options(m),
-                )
+                rng = batch_rng(masker.spec["seed"], split.encode(), copy.to_bytes(2, "big"), content)
+                input_ids, labels = masker(ids, num_tokens, rng)
                 tables.append(shards.to_table(input_ids, labels, num_tokens))
                 splits += [split] * len(ids)
-                tokens[split] += int(num_tokens.sum())
-        # One stats row per batch carries the drop counts to the driver.
+        # One stats row per group carries the drop counts to the driver.
         zero = np.zeros((1, self.seq_len), np.int32)
         tables.append(shards.to_table(zero, zero, np.zeros(1, np.int32)))
         splits.append(_STATS)
@@ -120,14 +138,30 @@ class TokenizePackMask:
         )
 
 
-def _strategy_options(m: dict) -> dict:
-    """The options `masking.apply` takes for the chosen strategy."""
-    strategy = m.get("strategy", "random")
-    if strategy == "span":
-        return {"geometric_p": m["span_geometric_p"], "max_span": m["span_max_words"]}
-    if strategy == "terms":
-        return {"term_rate": m["term_rate"]}
-    return {}
+def range_hashes(batch: pa.Table, data_cfg: dict) -> dict[str, list]:
+    """Dedup pass: the content hashes of a range's kept documents, in order."""
+    cfg = DataConfig(**data_cfg)
+    out = []
+    for job in batch.to_pylist():
+        hashes = [row["doc_hash"] for row in corpus.iter_range(corpus.Range(**job["range"]), cfg) if not row["drop_reason"]]
+        out.append(b"".join(hashes))
+    return {"index": batch.column("index").to_pylist(), "hashes": out}
+
+
+def _duplicates(hash_blobs: list[bytes], known: np.ndarray) -> list[list[int]]:
+    """Per range, the positions of documents already seen earlier (in range order) or in
+    `known` (the hashes of a dataset being extended): exact dedup, first one kept."""
+    arrays = [np.frombuffer(b, dtype=">u8").astype(np.uint64) for b in hash_blobs]
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, np.uint64)
+    _, first = np.unique(flat, return_index=True)
+    dup = np.ones(len(flat), bool)
+    dup[first] = False
+    dup |= np.isin(flat, known)
+    out, offset = [], 0
+    for a in arrays:
+        out.append(np.flatnonzero(dup[offset : offset + len(a)]).tolist())
+        offset += len(a)
+    return out
 
 
 def _read_terms(path: str | None) -> list[str]:
@@ -144,18 +178,18 @@ def _read_terms(path: str | None) -> list[str]:
 
 
 class Progress:
-    """A live line on stderr: documents/s, tokens/s and an ETA from the input bytes
-    (approximate for compressed inputs)."""
+    """A live line on stderr: documents/s, tokens/s and an ETA from the input bytes of
+    the ranges done (coarse: a range counts when it is finished)."""
 
-    def __init__(self, total_chars: int, every_s: float = 5.0):
-        self.total, self.every, self.tokens = max(1, total_chars), every_s, 0
+    def __init__(self, total_bytes: int, every_s: float = 5.0):
+        self.total, self.every, self.tokens = max(1, total_bytes), every_s, 0
         self.start = self.last = time.time()
         self.enabled = os.environ.get("MLM_PROGRESS", "1") != "0"
 
     def _line(self, counts: Counter) -> str:
         elapsed = max(time.time() - self.start, 1e-9)
         docs = sum(v for k, v in counts.items() if k.startswith("docs_"))
-        chars = counts.get("_chars", 0)
+        chars = counts.get("_bytes", 0)  # input bytes of the ranges done
         eta = (self.total - chars) / (chars / elapsed) if chars else float("nan")
         return (f"prepare: {docs:,} docs ({docs / elapsed:,.0f}/s), {self.tokens:,} tokens "
                 f"({self.tokens / elapsed:,.0f}/s), {min(1.0, chars / self.total):.0%} of input, eta {max(0.0, eta):,.0f}s")
@@ -188,17 +222,25 @@ def split_long(text: str, max_chars: int) -> list[str]:
     return pieces
 
 
+
+def _config_sections(cfg: Config) -> dict[str, Any]:
+    """The config that decides a dataset's content, as the manifest stores it."""
+    return json.loads(json.dumps({k: cfg.to_dict()[k] for k in ("data", "tokenizer", "masking", "eval")}))
+
+
 def _input_fingerprint(files: list[corpus.InputFile], cfg: Config, terms: list[str]) -> str:
     h = hashlib.sha256("\n".join(terms).encode())
     for f in sorted(files, key=lambda f: f.fingerprint):
         h.update(f.fingerprint.encode())
-    sections = {k: cfg.to_dict()[k] for k in ("data", "tokenizer", "masking", "eval")}
-    h.update(json.dumps(sections, sort_keys=True).encode())
+    h.update(json.dumps(_config_sections(cfg), sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
-_OURS = re.compile(r"^(\.?(train|validation)-\d{5}\.parquet(\.tmp\d+)?|\..*\.tmp\d+|tokenizer(\.tmp\d+)?)$")
+_OURS = re.compile(r"^(\.?(train|validation)-\d{5}\.parquet(\.tmp\d+)?|\..*\.tmp\d+|tokenizer(\.tmp\d+)?"
+                   r"|token-counts\.npy|dedup-hashes\.u64)$")
 TOKENIZER_MARK = "mlm-inputs-fingerprint.txt"
+TOKEN_COUNTS = "token-counts.npy"
+DEDUP_HASHES = "dedup-hashes.u64"
 
 
 def _reusable_tokenizer(out_dir: Path, fingerprint_inputs: str) -> bool:
@@ -208,11 +250,17 @@ def _reusable_tokenizer(out_dir: Path, fingerprint_inputs: str) -> bool:
     return mark.is_file() and mark.read_text().strip() == fingerprint_inputs
 
 
-def _clear_unfinished(out_dir: Path, keep_tokenizer: bool = False) -> None:
-    """Remove what an interrupted run left (never a dataset: it had no manifest)."""
+def _clear_unfinished(out_dir: Path, keep: set[str] = frozenset()) -> None:
+    """Remove what an interrupted run left: every file of ours that the manifest (if
+    any) does not list. A dataset being extended keeps its listed files."""
     for p in out_dir.iterdir():
-        if _OURS.match(p.name) and not (keep_tokenizer and p.name == "tokenizer"):
+        if _OURS.match(p.name) and p.name not in keep:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _listed_files(manifest: dict[str, Any]) -> set[str]:
+    names = {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
+    return names | {manifest["tokenizer"]["dir"], TOKEN_COUNTS, DEDUP_HASHES}
 
 
 SAMPLE_DOC_CHARS = 100_000
@@ -225,8 +273,44 @@ def _sample_texts(docs, n: int) -> list[str]:
     return [r["text"][:SAMPLE_DOC_CHARS] for r in kept.iter_rows()]
 
 
+def masker_spec(tokenizer, settings: dict[str, Any], terms: list[str]) -> dict[str, Any]:
+    """Plain data for `masking.Masker`: the settings plus the tokenizer's tables."""
+    term_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in terms]
+    return settings | {
+        "special_ids": sorted(set(tokenizer.all_special_ids)),
+        "mask_id": tokenizer.mask_token_id,
+        "vocab_size": len(tokenizer),
+        "word_start": tok_mod.word_start_table(tokenizer).tolist(),
+        "term_ids": [ids for ids in term_ids if ids],
+    }
+
+
+def _incremental_base(out_dir: Path, files, cfg: Config, fingerprint_inputs: str, overwrite: bool):
+    """What an existing dataset in `out_dir` means for this run: ("done", manifest) when
+    it already holds these inputs, ("extend", manifest) when these inputs are its inputs
+    plus new files under the same config, (None, None) when there is nothing there."""
+    if not (out_dir / shards.MANIFEST).exists():
+        return None, None
+    existing = shards.read_manifest(out_dir)
+    sound = not shards.verify(out_dir)
+    if existing.get("inputs_fingerprint") == fingerprint_inputs and sound:
+        return "done", existing
+    old = {(i["path"], i["blake2b"]) for i in existing["inputs"]}
+    new = {(f.path, f.fingerprint) for f in files}
+    if sound and existing.get("config") == _config_sections(cfg) and old < new:
+        return "extend", existing
+    if not overwrite:
+        raise shards.DatasetError(
+            f"{out_dir} already holds a different dataset (other config, or inputs changed or removed); "
+            "use another --out or --overwrite"
+        )
+    (out_dir / shards.MANIFEST).unlink()  # from here on the folder is not a dataset
+    return None, None
+
+
 def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: bool = False) -> dict[str, Any]:
-    """Prepare a dataset; returns its manifest. Idempotent for identical inputs and config."""
+    """Prepare a dataset; returns its manifest. Idempotent for identical inputs and
+    config; incremental when the inputs are a dataset's inputs plus new files."""
     from mlm.runtime import ensure_ray, quiet_ray_data, work_dir
 
     started = time.time()
@@ -238,34 +322,37 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
             f"{sum(len(v) for v in skipped.values())} of {n_files} input files are unusable "
             f"(> data.max_bad_fraction={cfg.data.max_bad_fraction}): {skipped}"
         )
+    corpus.check_text_column(files, cfg.data.text_field)
     terms = _read_terms(cfg.masking.terms_file)
     fingerprint_inputs = _input_fingerprint(files, cfg, terms)
-    if (out_dir / shards.MANIFEST).exists():
-        existing = shards.read_manifest(out_dir)
-        if existing.get("inputs_fingerprint") == fingerprint_inputs and not shards.verify(out_dir):
-            log.info("dataset in %s is up to date; nothing to do", out_dir)
-            return existing
-        if not overwrite:
-            raise shards.DatasetError(
-                f"{out_dir} already holds a different dataset; use another --out or --overwrite"
-            )
-        (out_dir / shards.MANIFEST).unlink()  # from here on the folder is not a dataset
+    mode, base = _incremental_base(out_dir, files, cfg, fingerprint_inputs, overwrite)
+    if mode == "done":
+        log.info("dataset in %s is up to date; nothing to do", out_dir)
+        return base
     out_dir.mkdir(parents=True, exist_ok=True)
-    reuse_tokenizer = not cfg.tokenizer.path and _reusable_tokenizer(out_dir, fingerprint_inputs)
-    _clear_unfinished(out_dir, keep_tokenizer=reuse_tokenizer)
+    tok_dir = out_dir / "tokenizer"
+    if base:  # extend: keep every listed file, process only the new inputs
+        old = {i["path"] for i in base["inputs"]}
+        todo = [f for f in files if f.path not in old]
+        _clear_unfinished(out_dir, keep=_listed_files(base))
+        reuse_tokenizer = True
+    else:
+        todo = files
+        reuse_tokenizer = not cfg.tokenizer.path and _reusable_tokenizer(out_dir, fingerprint_inputs)
+        _clear_unfinished(out_dir, keep={"tokenizer"} if reuse_tokenizer else set())
 
     ensure_ray()
     quiet_ray_data()
-    docs = corpus.read_documents(files, cfg.data)
+    import ray
 
-    tok_dir = out_dir / "tokenizer"
+    ranges = corpus.plan_ranges(todo, cfg.data.read_chunk_bytes)
     if reuse_tokenizer:
-        log.info("reusing the tokenizer of an interrupted run in %s", tok_dir)
+        log.info("reusing the tokenizer in %s", tok_dir)
     else:
         if cfg.tokenizer.path:
             tokenizer = tok_mod.load_tokenizer(cfg.tokenizer.path)
         else:
-            texts = _sample_texts(docs, cfg.tokenizer.sample_docs)
+            texts = _sample_texts(corpus.read_documents(ranges, cfg.data), cfg.tokenizer.sample_docs)
             if not texts:
                 raise corpus.InputError("empty corpus: no document left after cleaning")
             tokenizer = tok_mod.train_tokenizer(texts, cfg.tokenizer)
@@ -273,26 +360,50 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
         (tok_dir / TOKENIZER_MARK).write_text(fingerprint_inputs)
     tokenizer = tok_mod.load_tokenizer(tok_dir)  # fingerprint what readers will load
 
-    masking = cfg.masking.model_dump()
-    eval_masking = {"rate": cfg.eval.rate, "mask_fraction": 0.8, "random_fraction": 0.1, "seed": cfg.eval.seed}
-    import ray
+    data_cfg = cfg.data.model_dump()
+    jobs = ray.data.from_items(
+        [{"index": i, "range": r.to_dict()} for i, r in enumerate(ranges)], override_num_blocks=len(ranges)
+    )
+    known = np.zeros(0, np.uint64)
+    if base and (out_dir / DEDUP_HASHES).exists():
+        known = np.fromfile(out_dir / DEDUP_HASHES, dtype="<u8")
+    skips: list[list[int]] = [[] for _ in ranges]
+    if cfg.data.dedup:  # a first, cheaper pass: hashes only, no tokenizing
+        found = jobs.map_batches(range_hashes, fn_kwargs={"data_cfg": data_cfg}, batch_size=1, batch_format="pyarrow")
+        blobs = {row["index"]: row["hashes"] for row in found.iter_rows()}
+        skips = _duplicates([blobs[i] for i in range(len(ranges))], known)
+    size = {f.path: f.size for f in todo}
+    per_file = Counter(r.path for r in ranges)
+    nbytes = [r.end - r.start if r.end >= 0 and corpus.file_kind(r.path) in ("txt", "jsonl") else size[r.path] // per_file[r.path]
+              for r in ranges]
+    jobs = ray.data.from_items(
+        [{"range": r.to_dict(), "skip": skips[i], "bytes": nbytes[i]} for i, r in enumerate(ranges)],
+        override_num_blocks=len(ranges),
+    )
 
-    sequences = docs.map_batches(
+    settings = cfg.masking.model_dump()
+    eval_settings = {"strategy": "random", "rate": cfg.eval.rate, "mask_fraction": 0.8, "random_fraction": 0.1, "seed": cfg.eval.seed}
+    maskers = {"train": masker_spec(tokenizer, settings, terms), "validation": masker_spec(tokenizer, eval_settings, [])}
+    sequences = jobs.map_batches(
         TokenizePackMask,
         fn_constructor_kwargs={
-            "tokenizer_dir": str(tok_dir), "seq_len": cfg.data.seq_len,
-            "train_masking": masking, "eval_masking": eval_masking, "max_chunk_chars": cfg.data.max_chunk_chars,
-            "terms": terms,
+            "tokenizer_file": str(tok_dir / "tokenizer.json"), "data_cfg": data_cfg, "maskers": maskers,
+            "special": {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id},
+            "dynamic_train": cfg.masking.mode == "dynamic",
         },
-        batch_size=cfg.data.pack_batch_docs,
-        batch_format="numpy",
-        concurrency=(1, max(1, int(ray.cluster_resources().get("CPU", 1)))),
+        batch_size=1,
+        batch_format="pyarrow",
+        # A fixed pool, all started at once (an autoscaling pool starts with one actor).
+        concurrency=max(1, min(len(ranges), int(ray.cluster_resources().get("CPU", 1)))),
     )
-    writers = {s: shards.ShardWriter(out_dir, s, cfg.data.rows_per_shard) for s in shards.SPLITS}
+    first = {s: len(base["splits"][s]["shards"]) if base else 0 for s in shards.SPLITS}
+    writers = {s: shards.ShardWriter(out_dir, s, cfg.data.rows_per_shard, first_index=first[s]) for s in shards.SPLITS}
     counts: Counter = Counter()
     token_counts = np.zeros(len(tokenizer), np.int64)
+    if base and (out_dir / TOKEN_COUNTS).exists():
+        token_counts += np.load(out_dir / TOKEN_COUNTS, allow_pickle=False)
     special = np.array(sorted(set(tokenizer.all_special_ids)))
-    progress = Progress(total_chars=sum(f.size for f in files))
+    progress = Progress(total_bytes=sum(nbytes))
     for batch in sequences.iter_batches(batch_format="pyarrow", batch_size=None):
         split_col = batch.column("split").to_numpy(zero_copy_only=False)
         for s in batch.column("stats").to_pylist():
@@ -309,42 +420,64 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
                 ids, labels = shards.column_2d(table, "input_ids"), shards.column_2d(table, "labels")
                 original = np.where(labels >= 0, labels, ids)
                 token_counts += np.bincount(original.reshape(-1), minlength=len(token_counts))[: len(token_counts)]
-    split_shards = {s: w.close() for s, w in writers.items()}
+    new_shards = {s: w.close() for s, w in writers.items()}
     progress.done(counts)
+    keep = _listed_files(base) if base else set()
+    split_shards = {s: (base["splits"][s]["shards"] if base else []) + new_shards[s] for s in shards.SPLITS}
     for split, lst in split_shards.items():
         if not lst:
-            _clear_unfinished(out_dir)
+            _clear_unfinished(out_dir, keep)
             if split == "train":
                 raise corpus.InputError("empty corpus: no tokens left after cleaning")
             raise corpus.InputError(
                 "no validation documents; add documents or raise data.validation_fraction"
             )
-    token_counts[special] = 0
+    if base:  # counts of the dataset being extended
+        for k, v in base["documents"]["dropped"].items():
+            counts[k] += v
+        for s in shards.SPLITS:
+            counts[f"docs_{s}"] += base["splits"][s]["documents"]
+        counts["_repaired_utf8"] += base["documents"]["repaired_invalid_utf8"]
+        counts["_latin1"] += base["documents"]["decoded_as_latin1"]
     dropped = {k: v for k, v in counts.items() if v and not k.startswith(("docs_", "_"))}
     dropped_docs = sum(dropped.values())
     seen_docs = dropped_docs + sum(counts.get(f"docs_{s}", 0) for s in shards.SPLITS)
     if seen_docs and dropped_docs / seen_docs > cfg.data.max_bad_fraction:
-        _clear_unfinished(out_dir)
+        _clear_unfinished(out_dir, keep)
         raise corpus.InputError(
             f"{dropped_docs} of {seen_docs} documents were dropped (> data.max_bad_fraction="
             f"{cfg.data.max_bad_fraction}): {dropped}"
         )
+    # Side files first (by rename), the manifest last.
+    buf = io.BytesIO()
+    np.save(buf, token_counts, allow_pickle=False)
+    shards.atomic_write_bytes(out_dir / TOKEN_COUNTS, buf.getvalue())
+    token_counts[special] = 0
+    if cfg.data.dedup:
+        kept_hashes = np.concatenate([known] + [np.frombuffer(blobs[i], ">u8").astype("<u8")[
+            np.setdiff1d(np.arange(len(blobs[i]) // 8), skips[i])] for i in range(len(ranges))])
+        shards.atomic_write_bytes(out_dir / DEDUP_HASHES, np.sort(kept_hashes).astype("<u8").tobytes())
     manifest = {
         "schema_version": shards.SCHEMA_VERSION,
         "created_unix": int(time.time()),
         "inputs_fingerprint": fingerprint_inputs,
         "inputs": [f.to_dict() for f in files],
         "skipped_files": skipped,
-        "config": {k: cfg.to_dict()[k] for k in ("data", "tokenizer", "masking", "eval")},
+        "config": _config_sections(cfg),
         "tokenizer": {
             "dir": "tokenizer",
             "fingerprint": tok_mod.fingerprint(tokenizer),
             "vocab_size": len(tokenizer),
             "trained": cfg.tokenizer.path is None,
         },
-        "schema": shards.schema_doc(cfg.data.seq_len),
+        "schema": shards.schema_doc(cfg.data.seq_len, dynamic=cfg.masking.mode == "dynamic"),
         "seq_len": cfg.data.seq_len,
-        "masking": {"train": masking | {"strategy": cfg.masking.strategy}, "validation": eval_masking | {"strategy": "random"}},
+        "packing": cfg.data.packing,
+        "masking": {
+            # term_ids: the terms as the tokenizer splits them (the trainer's masker needs them)
+            "train": settings | {"term_ids": maskers["train"]["term_ids"]},
+            "validation": eval_settings | {"mode": "static"},
+        },
         "splits": {
             s: {
                 "shards": lst,
@@ -361,6 +494,10 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
             "repaired_invalid_utf8": counts.get("_repaired_utf8", 0),
             "decoded_as_latin1": counts.get("_latin1", 0),
         },
+        "ranges": len(ranges),
+        "increments": (base.get("increments", []) if base else []) + [
+            {"created_unix": int(time.time()), "files_added": len(todo), "shards_added": {s: len(v) for s, v in new_shards.items()}}
+        ],
         "most_frequent_token": {"id": int(token_counts.argmax()), "token": tokenizer.convert_ids_to_tokens(int(token_counts.argmax()))},
         "seconds": round(time.time() - started, 1),
     }

@@ -36,10 +36,12 @@ def arrow_schema(seq_len: int) -> pa.Schema:
     )
 
 
-def schema_doc(seq_len: int) -> dict[str, Any]:
+def schema_doc(seq_len: int, dynamic: bool = False) -> dict[str, Any]:
+    train = "unmasked token ids (masked at load time) in train, " if dynamic else ""
     return {
-        "input_ids": f"fixed_size_list<int32>[{seq_len}]: masked token ids ([CLS] ... [SEP] [PAD]...)",
-        "labels": f"fixed_size_list<int32>[{seq_len}]: original id where predicted, -100 elsewhere",
+        "input_ids": f"fixed_size_list<int32>[{seq_len}]: {train}masked token ids ([CLS] ... [SEP] [PAD]...)",
+        "labels": f"fixed_size_list<int32>[{seq_len}]: original id where predicted, -100 elsewhere"
+                  + (" (all -100 in a dynamic train split)" if dynamic else ""),
         "num_tokens": "int32: real tokens in the row; positions >= num_tokens are padding",
     }
 
@@ -81,8 +83,9 @@ class ShardWriter:
     """Buffers rows of one split and writes `{split}-NNNNN.parquet` shards of
     `rows_per_shard` rows (zstd), each via a temporary name."""
 
-    def __init__(self, out_dir: Path, split: str, rows_per_shard: int):
+    def __init__(self, out_dir: Path, split: str, rows_per_shard: int, first_index: int = 0):
         self.out_dir, self.split, self.rows_per_shard = Path(out_dir), split, rows_per_shard
+        self.first_index = first_index  # a dataset being extended continues its numbering
         self.buffer: list[pa.Table] = []
         self.buffered = 0
         self.shards: list[dict[str, Any]] = []
@@ -102,7 +105,7 @@ class ShardWriter:
         table = pa.concat_tables(self.buffer).combine_chunks()
         head, rest = table.slice(0, rows), table.slice(rows)
         self.buffer, self.buffered = ([rest] if rest.num_rows else []), rest.num_rows
-        name = f"{self.split}-{len(self.shards):05d}.parquet"
+        name = f"{self.split}-{self.first_index + len(self.shards):05d}.parquet"
         final = self.out_dir / name
         tmp = self.out_dir / f".{name}.tmp{os.getpid()}"
         pq.write_table(head, tmp, compression="zstd", row_group_size=min(rows, 8192))

@@ -34,13 +34,22 @@ def get_lr(step: int, cfg) -> float:
     return cfg.learning_rate * remaining
 
 
-def batch_to_tensors(batch, device) -> dict[str, Any]:
-    """A pyarrow batch of shard rows -> input_ids, attention_mask, labels tensors [B, L]."""
+def batch_to_tensors(batch, device, masker=None, seed: int = 0, epoch: int = 0) -> dict[str, Any]:
+    """A pyarrow batch of shard rows -> input_ids, attention_mask, labels tensors [B, L].
+
+    With a `masker` (dynamic masking) the stored ids are unmasked and are masked here,
+    per row, from (seed, epoch, row). Columns past the longest row are cut off: padded
+    (length-binned) data then costs only what its rows hold."""
     import torch
 
     ids = shards.column_2d(batch, "input_ids")
-    labels = shards.column_2d(batch, "labels")
     num_tokens = np.asarray(batch.column("num_tokens"))
+    if masker is not None:
+        ids, labels = masker.dynamic(ids, num_tokens, seed, epoch)
+    else:
+        labels = shards.column_2d(batch, "labels")
+    longest = int(num_tokens.max()) if len(num_tokens) else ids.shape[1]
+    ids, labels = ids[:, :longest], labels[:, :longest]
     attention = (np.arange(ids.shape[1])[None, :] < num_tokens[:, None]).astype(np.int64)
     return {
         "input_ids": torch.from_numpy(ids.astype(np.int64)).to(device),
@@ -72,6 +81,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch
     from transformers import BertForMaskedLM
 
+    from mlm.masking import Masker
     from mlm.model import build_model, masked_lm_objective
 
     cfg: Config = config_from_dict(loop_config["config"])
@@ -111,6 +121,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     accumulation = tc.global_batch_size // (tc.micro_batch_size * world_size)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    masker = Masker(loop_config["dynamic_masking"]) if loop_config.get("dynamic_masking") else None
+    # Length-binned (padded) data keeps its bins: rows are not shuffled across batches.
+    shuffle_rows = tc.micro_batch_size * 16 if loop_config.get("packing", "pack") == "pack" else None
     shard = ray.train.get_dataset_shard("train")
     step, epoch, micro = start_step, start_epoch, 0
     window_tokens, window_start, loss_sum, loss_count = 0, time.time(), 0.0, 0
@@ -119,12 +132,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     while step < tc.max_steps:
         batches = shard.iter_batches(
             batch_size=tc.micro_batch_size, batch_format="pyarrow", drop_last=True, prefetch_batches=2,
-            local_shuffle_buffer_size=tc.micro_batch_size * 16, local_shuffle_seed=tc.seed * 1000 + epoch * 10 + rank,
+            local_shuffle_buffer_size=shuffle_rows, local_shuffle_seed=tc.seed * 1000 + epoch * 10 + rank,
         )
         seen_in_epoch = 0
         for batch in batches:
             seen_in_epoch += 1
-            inputs = batch_to_tensors(batch, device)
+            inputs = batch_to_tensors(batch, device, masker, masker.spec["seed"] if masker else 0, epoch)
             micro += 1
             sync = micro % accumulation == 0
             # Gradients are all-reduced only on the last micro-batch of a step.
@@ -191,6 +204,16 @@ def _log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> N
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
+def _dynamic_masker_spec(manifest: dict[str, Any], tokenizer) -> dict[str, Any] | None:
+    """The masker a dynamic-masking dataset asks for: its settings, the tokenizer's tables."""
+    from mlm.prepare import masker_spec
+
+    settings = manifest["masking"]["train"]
+    if settings.get("mode") != "dynamic":
+        return None
+    return masker_spec(tokenizer, settings, []) | {"term_ids": settings.get("term_ids", [])}
+
+
 def cpus_per_worker(cfg: Config) -> float:
     """Training workers must not take every CPU: Ray Data's read and split tasks
     need one, or the data stream stalls behind the trainers (backpressure)."""
@@ -240,6 +263,8 @@ def train(
         "pad_token_id": tokenizer.pad_token_id,
         "mlflow_run_id": mlflow_run_id,
         "tracking_uri": tracking_uri(),
+        "packing": manifest.get("packing", "pack"),
+        "dynamic_masking": _dynamic_masker_spec(manifest, tokenizer),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,

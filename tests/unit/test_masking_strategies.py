@@ -340,3 +340,29 @@ def test_edge_cases_empty_and_unmaskable_rows():
         out, labels = apply(strategy, pads, pads.astype(bool), np.random.default_rng(0),
                             word_start=pads.astype(bool), term_ids=TERMS, rate=0.15, **KW)
         assert (labels == IGNORE_INDEX).all() and (out == pads).all()
+
+
+def test_dynamic_masking_depends_on_seed_epoch_and_row_only():
+    from mlm.masking import IGNORE_INDEX, Masker
+
+    vocab = 500
+    spec = {"strategy": "random", "rate": 0.15, "mask_fraction": 0.8, "random_fraction": 0.1, "seed": 7,
+            "special_ids": [0, 1, 2, 3, 4], "mask_id": 4, "vocab_size": vocab, "word_start": [True] * vocab}
+    masker = Masker(spec)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, vocab, size=(64, 128)).astype(np.int32)
+    ids[:, 0], ids[:, -1] = 2, 3
+    n = np.full(64, 128, np.int32)
+    a_ids, a_labels = masker.dynamic(ids, n, seed=7, epoch=0)
+    # the same rows in another batch order, and split over two "workers": same masks
+    order = rng.permutation(64)
+    b_ids, b_labels = masker.dynamic(ids[order], n[order], seed=7, epoch=0)
+    assert (b_ids == a_ids[order]).all() and (b_labels == a_labels[order]).all()
+    c_ids, _ = masker.dynamic(ids[:10], n[:10], seed=7, epoch=0)
+    assert (c_ids == a_ids[:10]).all()
+    # a new epoch is a new mask; the rate holds; specials are never picked
+    e_ids, e_labels = masker.dynamic(ids, n, seed=7, epoch=1)
+    assert (e_labels != a_labels).any()
+    assert abs((a_labels != IGNORE_INDEX).mean() - 0.15 * 126 / 128) < 0.02
+    assert (a_labels[:, [0, -1]] == IGNORE_INDEX).all()
+    assert (np.where(a_labels != IGNORE_INDEX, a_labels, ids) == ids).all()

@@ -43,3 +43,18 @@ def test_exact_fit_and_empty_documents():
     assert [d.tolist() for d in unpack(ids, num_tokens, SEP)] == [list(range(5, 12))]
     empty_ids, empty_n = pack([], seq_len, CLS, SEP, PAD)
     assert empty_ids.shape == (0, seq_len) and unpack(empty_ids, empty_n, SEP) == []
+
+
+def test_pad_documents_one_document_per_row_sorted_by_length():
+    from mlm.packing import pad_documents
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(10, 100, size=n).astype(np.int32) for n in (5, 40, 1, 7, 30, 12)]
+    ids, num_tokens = pad_documents(docs, 16, cls_id=2, sep_id=3, pad_id=0)
+    assert list(num_tokens) == sorted(num_tokens)
+    assert (ids[:, 0] == 2).all()
+    pieces = sorted(tuple(row[1 : n - 1]) for row, n in zip(ids, num_tokens))
+    assert all(row[n - 1] == 3 and (row[n:] == 0).all() for row, n in zip(ids, num_tokens))
+    # every document is there, a long one continued over several rows of at most 14 tokens
+    expected = sorted(tuple(d[i : i + 14]) for d in docs for i in range(0, len(d), 14))
+    assert pieces == expected
