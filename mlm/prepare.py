@@ -99,10 +99,18 @@ class TokenizePackMask:
                     rows = []
             yield self._group(rows, range_bytes=job["bytes"])  # also reports the range as done
 
+    @staticmethod
+    def _node() -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()[:12] if ray.is_initialized() else "local"
+
     def _group(self, rows: list[dict], range_bytes: int = 0) -> pa.Table:
         reasons = np.array([r["drop_reason"] for r in rows], dtype=object)
         counts: Counter = Counter(r for r in reasons.tolist() if r)
         counts["_bytes"] = range_bytes
+        if range_bytes:  # which node did the range, for the manifest's record
+            counts[f"_node:{self._node()}"] = 1
         tables, splits = [], []
         for split in ("train", "validation"):
             keep = [i for i, r in enumerate(rows) if not r["drop_reason"] and r["split"] == split]
@@ -495,6 +503,7 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
             "decoded_as_latin1": counts.get("_latin1", 0),
         },
         "ranges": len(ranges),
+        "nodes_used": len([k for k in counts if k.startswith("_node:")]),
         "increments": (base.get("increments", []) if base else []) + [
             {"created_unix": int(time.time()), "files_added": len(todo), "shards_added": {s: len(v) for s, v in new_shards.items()}}
         ],

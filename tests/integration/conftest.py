@@ -34,3 +34,73 @@ def s3_server():
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
+
+
+class TwoNodeCluster:
+    """A Ray cluster of two nodes on loopback (`ray start --head` + `ray start`), each
+    with one CPU, token authentication on. `env` is what a client process needs."""
+
+    def __init__(self, address: str, dashboard: str, env: dict[str, str]):
+        self.address, self.dashboard, self.env = address, dashboard, env
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_two_nodes(tmp_path_factory):
+    """Started once per session on demand; separate from the in-process `ray_cluster`.
+    Processes run in their own session and are killed as a group at the end (never
+    `ray stop`, which would stop every Ray instance on the machine)."""
+    import secrets
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # =0 forbids a second node
+    logs = tmp_path_factory.mktemp("ray-two-nodes")
+    short_tmp = tempfile.mkdtemp(prefix="r2n", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    # Loopback addresses other than 127.0.0.1: Ray rewrites "127.0.0.1" to the machine's
+    # routable IP unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which forbids a second node.
+    common = ["--num-cpus", "1", "--block"]
+    procs = [subprocess.Popen(
+        ["ray", "start", "--head", "--node-ip-address", "127.0.0.2", "--port", str(port), "--dashboard-host", "127.0.0.1",
+         "--dashboard-port", str(dash), "--temp-dir", short_tmp, *common],
+        env=env, stdout=open(logs / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)]
+    address = f"127.0.0.2:{port}"
+    try:
+        nodes = "import ray; ray.init(address={!r}, logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            out = subprocess.run(["python", "-c", nodes.format(address)], env=env, capture_output=True, text=True, timeout=60)
+            if out.returncode == 0:
+                break
+            time.sleep(1)
+        procs.append(subprocess.Popen(["ray", "start", "--address", address, "--node-ip-address", "127.0.0.3", *common], env=env,
+                                      stdout=open(logs / "worker.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True))
+        while time.time() < deadline:
+            out = subprocess.run(["python", "-c", nodes.format(address)], env=env, capture_output=True, text=True, timeout=60)
+            if out.stdout.strip().endswith("2"):
+                break
+            time.sleep(1)
+        else:
+            raise RuntimeError(f"the two-node cluster did not come up; see {logs}")
+        yield TwoNodeCluster(address, f"http://127.0.0.1:{dash}", env)
+    finally:
+        for p in reversed(procs):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(p.pid, signal.SIGKILL)
+        shutil.rmtree(short_tmp, ignore_errors=True)
