@@ -95,9 +95,9 @@ class TokenizePackMask:
                     kept += 1
                 rows.append(row)
                 if len(rows) == self.data.pack_batch_docs:
-                    yield self._group(rows)
+                    yield from self._group(rows)
                     rows = []
-            yield self._group(rows, range_bytes=job["bytes"])  # also reports the range as done
+            yield from self._group(rows, range_bytes=job["bytes"])  # also reports the range as done
 
     @staticmethod
     def _node() -> str:
@@ -105,13 +105,15 @@ class TokenizePackMask:
 
         return ray.get_runtime_context().get_node_id()[:12] if ray.is_initialized() else "local"
 
-    def _group(self, rows: list[dict], range_bytes: int = 0) -> pa.Table:
+    def _group(self, rows: list[dict], range_bytes: int = 0) -> Iterator[pa.Table]:
+        """Tables of sequences for a group of document rows, the last one ending with
+        a stats row (drop counts for the driver). Masking runs in blocks of rows, so a
+        50 MB document costs a few copies of its token ids, not of float masks."""
         reasons = np.array([r["drop_reason"] for r in rows], dtype=object)
         counts: Counter = Counter(r for r in reasons.tolist() if r)
         counts["_bytes"] = range_bytes
         if range_bytes:  # which node did the range, for the manifest's record
             counts[f"_node:{self._node()}"] = 1
-        tables, splits = [], []
         for split in ("train", "validation"):
             keep = [i for i, r in enumerate(rows) if not r["drop_reason"] and r["split"] == split]
             if not keep:
@@ -120,11 +122,11 @@ class TokenizePackMask:
             counts["no_tokens"] += sum(1 for d in docs if len(d) == 0)
             counts[f"docs_{split}"] += sum(1 for d in docs if len(d))
             ids, num_tokens = self.group_fn(docs, self.seq_len, self.cls, self.sep, self.pad)
+            del docs
             if not len(ids):
                 continue
             if split == "train" and self.dynamic_train:  # masked at load time by the trainer
-                tables.append(shards.to_table(ids, np.full_like(ids, IGNORE_INDEX), num_tokens))
-                splits += [split] * len(ids)
+                yield _with_split(shards.to_table(ids, np.full_like(ids, IGNORE_INDEX), num_tokens), split)
                 continue
             masker = self.maskers[split]
             content = b"".join(rows[i]["doc_hash"] for i in keep)
@@ -132,18 +134,21 @@ class TokenizePackMask:
                 # The rng depends on the seed, the copy and the documents only: the same
                 # input masks the same way whatever the number of workers.
                 rng = batch_rng(masker.spec["seed"], split.encode(), copy.to_bytes(2, "big"), content)
-                input_ids, labels = masker(ids, num_tokens, rng)
-                tables.append(shards.to_table(input_ids, labels, num_tokens))
-                splits += [split] * len(ids)
-        # One stats row per group carries the drop counts to the driver.
+                for start in range(0, len(ids), MASK_BLOCK_ROWS):
+                    block = slice(start, start + MASK_BLOCK_ROWS)
+                    input_ids, labels = masker(ids[block], num_tokens[block], rng)
+                    yield _with_split(shards.to_table(input_ids, labels, num_tokens[block]), split)
         zero = np.zeros((1, self.seq_len), np.int32)
-        tables.append(shards.to_table(zero, zero, np.zeros(1, np.int32)))
-        splits.append(_STATS)
-        out = pa.concat_tables(tables)
-        stats = json.dumps(dict(counts))
-        return out.append_column("split", pa.array(splits)).append_column(
-            "stats", pa.array([""] * (len(splits) - 1) + [stats])
-        )
+        yield _with_split(shards.to_table(zero, zero, np.zeros(1, np.int32)), _STATS, json.dumps(dict(counts)))
+
+
+MASK_BLOCK_ROWS = 8192
+
+
+def _with_split(table: pa.Table, split: str, stats: str = "") -> pa.Table:
+    return table.append_column("split", pa.array([split] * table.num_rows)).append_column(
+        "stats", pa.array([stats] * table.num_rows)
+    )
 
 
 def range_hashes(batch: pa.Table, data_cfg: dict) -> dict[str, list]:

@@ -48,9 +48,10 @@ def test_bad_input_corpus_completes_and_counts_every_drop(ray_cluster, tmp_path)
     (src / "latin1.txt").write_bytes("caf\u00e9 na\u00efve r\u00e9sum\u00e9\n\n".encode("latin-1") * 5)
     (src / "more.txt.gz").write_bytes(gzip.compress("\n\n".join(docs[30:]).encode()))
     (src / "binary.txt").write_bytes(bytes(range(256)) * 40)
-    long_line = " ".join(docs * 300)  # ~4.5 MB single line, tokenized in 100k-char chunks
+    long_line = " ".join(docs * 1100)  # a 50 MB single line, tokenized in 1M-char chunks
     (src / "long_line.txt").write_text(long_line)
-    cfg = load_config("tiny", ["tokenizer.vocab_size=800", "data.max_chunk_chars=100000", "data.validation_fraction=0.2"])
+    assert len(long_line) > 50_000_000
+    cfg = load_config("tiny", ["tokenizer.vocab_size=800", "data.validation_fraction=0.2", "data.rows_per_shard=50000"])
     m = prepare([str(src)], tmp_path / "data", cfg)
     assert verify(tmp_path / "data") == []
     assert [p.rsplit("/", 1)[1] for p in m["skipped_files"]["binary"]] == ["binary.txt"]
