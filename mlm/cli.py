@@ -161,9 +161,17 @@ def data_stats(data_dir) -> None:
     from mlm.shards import read_manifest
 
     m = read_manifest(data_dir)
-    _echo_json({"documents": m["documents"], "tokenizer": m["tokenizer"], "seq_len": m["seq_len"],
-                "splits": {s: {k: v for k, v in d.items() if k != "shards"} | {"shards": len(d["shards"])}
-                           for s, d in m["splits"].items()}})
+    _echo_json({
+        "inputs": len(m["inputs"]), "skipped_files": {k: len(v) for k, v in m["skipped_files"].items()},
+        "documents": m["documents"], "tokenizer": m["tokenizer"], "seq_len": m["seq_len"],
+        "packing": m.get("packing", "pack"),
+        "masking": {s: {k: v for k, v in d.items() if k in ("strategy", "mode", "rate", "duplication")}
+                    for s, d in m["masking"].items()},
+        "splits": {s: {k: v for k, v in d.items() if k != "shards"}
+                   | {"shards": len(d["shards"]), "masked_ratio": round(d["masked"] / max(1, d["tokens"]), 4)}
+                   for s, d in m["splits"].items()},
+        "increments": len(m.get("increments", [])), "fingerprint": m["fingerprint"],
+    })
 
 
 @cli.group()
