@@ -115,7 +115,7 @@ class TrainConfig(_Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each; one GPU each with use_gpu).")
     use_gpu: bool = Field(False, description="Train on GPUs with NCCL; otherwise CPU with gloo.")
     cpus_per_worker: Optional[float] = Field(
-        None, gt=0, description="CPUs reserved per worker; default: 1 on GPU, else leave one CPU for Ray Data."
+        None, gt=0, description="CPUs reserved per worker; default: 1, or an equal share when workers outnumber CPUs."
     )
     micro_batch_size: int = Field(32, ge=1, description="Sequences per worker per forward pass.")
     global_batch_size: int = Field(
@@ -124,7 +124,18 @@ class TrainConfig(_Section):
     max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
     learning_rate: float = Field(5e-4, gt=0.0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay (not on biases and LayerNorm).")
-    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps, then linear decay to zero.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps before the schedule.")
+    schedule: Literal["linear", "cosine", "wsd"] = Field(
+        "linear", description="After warmup: linear or cosine decay to zero, or warmup-stable-decay."
+    )
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="wsd: share of the steps spent decaying to zero.")
+    prefetch_batches: int = Field(4, ge=1, description="Micro-batches each worker prepares ahead in a background thread.")
+    validate_every: int = Field(0, ge=0, description="Steps between validations on the fixed evaluation set; 0: none.")
+    validate_batches: int = Field(20, ge=1, description="Validation batches per validation (eval.batch_size rows each).")
+    early_stopping_patience: int = Field(
+        0, ge=0, description="Stop after this many validations without a lower validation loss; 0: never."
+    )
+    compile: bool = Field(False, description="torch.compile the model and loss.")
     grad_clip: float = Field(1.0, ge=0.0, description="Max global gradient norm; 0 disables clipping.")
     log_every: int = Field(10, ge=1, description="Steps between metric logs.")
     checkpoint_every: int = Field(200, ge=1, description="Steps between checkpoints (one is always written at the end).")

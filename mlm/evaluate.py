@@ -28,40 +28,51 @@ def _batches(files: list[str], batch_size: int):
             yield batch
 
 
+def score(net, batches, baseline_id: int = -1, device="cpu", max_batches: int | None = None,
+          autocast=None) -> dict[str, float]:
+    """Sums over masked positions: cross-entropy, top-1/top-5 hits, hits of always
+    predicting `baseline_id`, count. Shared by evaluation and in-training validation."""
+    import contextlib
+
+    import torch
+
+    from mlm.train import batch_to_tensors
+
+    net.eval()
+    out = {"loss_sum": 0.0, "top1": 0, "top5": 0, "baseline": 0, "n": 0}
+    with torch.inference_mode(), (autocast or contextlib.nullcontext()):
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            t = batch_to_tensors(batch, device)
+            hidden = net.base_model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).last_hidden_state
+            selected = t["labels"] != -100
+            # The prediction head runs only where a token is to be predicted.
+            logits = net.cls(hidden[selected]).float()
+            labels = t["labels"][selected]
+            out["loss_sum"] += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            best5 = logits.topk(5, dim=-1).indices
+            out["top1"] += int((best5[:, 0] == labels).sum())
+            out["top5"] += int((best5 == labels[:, None]).any(dim=-1).sum())
+            out["baseline"] += int((labels == baseline_id).sum())
+            out["n"] += int(labels.numel())
+    return out
+
+
 def evaluate(model: Any, data_dir: str | Path, batch_size: int = 64, max_batches: int | None = None) -> dict[str, Any]:
     """Top-1/top-5 masked accuracy, loss and perplexity of `model` (a model directory,
     an MLflow model URI, or a loaded (model, tokenizer) pair) on `data_dir`'s
     validation split."""
-    import torch
-
     from mlm.model import load_model_dir
     from mlm.tokenizer import fingerprint
-    from mlm.train import batch_to_tensors
 
     manifest = shards.read_manifest(data_dir)
     files = shards.shard_paths(data_dir, "validation", verify=True)
     net, tokenizer = load_model_dir(model) if isinstance(model, (str, Path)) else model
     if fingerprint(tokenizer) != manifest["tokenizer"]["fingerprint"] or len(tokenizer) != manifest["tokenizer"]["vocab_size"]:
         raise EvalError("the model's tokenizer is not the dataset's tokenizer; evaluate on data prepared with it")
-    net.eval()
-    baseline_id = manifest["most_frequent_token"]["id"]
-    loss_sum, top1, top5, baseline, n = 0.0, 0, 0, 0, 0
-    with torch.inference_mode():
-        for i, batch in enumerate(_batches(files, batch_size)):
-            if max_batches is not None and i >= max_batches:
-                break
-            t = batch_to_tensors(batch, "cpu")
-            hidden = net.base_model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).last_hidden_state
-            selected = t["labels"] != -100
-            # The prediction head runs only where a token is to be predicted.
-            logits = net.cls(hidden[selected]).float()
-            labels = t["labels"][selected]
-            loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-            best5 = logits.topk(5, dim=-1).indices
-            top1 += int((best5[:, 0] == labels).sum())
-            top5 += int((best5 == labels[:, None]).any(dim=-1).sum())
-            baseline += int((labels == baseline_id).sum())
-            n += int(labels.numel())
+    counts = score(net, _batches(files, batch_size), manifest["most_frequent_token"]["id"], max_batches=max_batches)
+    loss_sum, top1, top5, baseline, n = (counts[k] for k in ("loss_sum", "top1", "top5", "baseline", "n"))
     if n == 0:
         raise EvalError(f"no masked tokens in the validation split of {data_dir}")
     loss = loss_sum / n

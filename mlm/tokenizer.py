@@ -3,6 +3,29 @@
 transformers 5 note: `BertTokenizerFast(vocab_file=...)` silently builds a 5-token
 vocabulary, so tokenizers are always built from a `tokenizers.Tokenizer` object or
 loaded with `from_pretrained(dir)`, and the vocabulary size is asserted.
+
+Determinism: the same texts and config give the same tokenizer (same `fingerprint`) in
+every process. `tokenizers`' trainers (0.23) keep their counts in Rust hash maps, whose
+iteration order is seeded at random per process, and some steps follow that order:
+- WordPiece (the BPE trainer with a '##' prefix): the alphabet gets ids sorted by
+  character, but each '##c' continuation symbol gets the next free id when the trainer
+  first meets it while walking the word-count map, so in hash-map order. Equally frequent
+  pairs are merged in pair-id order, so those ids pick which tied pairs win, and the
+  vocabulary differs run to run. Fixed by handing the trainer every symbol it starts from,
+  sorted, as leading "special" tokens: it numbers them in the order given, so every id and
+  every tie-break is fixed (`_wordpiece_symbols`, `_train_wordpiece`).
+- byte-level BPE: a fixed 256-symbol alphabet and no prefix, so no id follows hash order;
+  deterministic as it is.
+- both: one theoretical gap is left in the merge queue. A merge that recreates an existing
+  token can leave two queue entries for one pair, and if their counts are equal, which one
+  pops first follows the heap layout (hash order); never seen to change a vocabulary.
+- unigram: its word list comes from a hash map, so the EM sums run in a random order
+  (scores differ by ~1e-10), and the characters it adds back at the end get scores
+  `min + k * 1e-4` in hash-set order. `_canonical_unigram` gives those steps in
+  alphabetical order and rounds scores to 1e-3. That removes every difference seen, but
+  it is not a guarantee: a score within the noise of a rounding boundary (about one
+  training in a few hundred at 30k pieces), or an EM pruning decision settled by the
+  noise, would still differ.
 """
 
 from __future__ import annotations
@@ -23,12 +46,14 @@ class TokenizerError(ValueError):
     pass
 
 
-def _blank(cfg: TokenizerConfig):
+def _blank(cfg: TokenizerConfig, specials: list[str] = SPECIAL_TOKENS):
     """An untrained tokenizer of `cfg.kind` and its trainer. All kinds share BERT's
-    special tokens, so packing, masking and the model do not care which is used."""
+    special tokens, so packing, masking and the model do not care which is used.
+    `specials` (BERT's first) get the first ids, in order: the WordPiece trainer is given
+    its alphabet that way too (see `_wordpiece_symbols`)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-    common = {"vocab_size": cfg.vocab_size, "special_tokens": SPECIAL_TOKENS}
+    common = {"vocab_size": cfg.vocab_size, "special_tokens": list(specials)}
     if cfg.kind == "wordpiece":
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=cfg.lowercase, strip_accents=cfg.lowercase)
@@ -70,23 +95,116 @@ def word_start_table(tokenizer):
     return table
 
 
+def _wordpiece_symbols(texts: list[str], tok) -> list[str]:
+    """Every symbol the WordPiece trainer starts from, in a fixed order: each character of
+    the normalized corpus, then '##c' for each character that continues a word somewhere.
+
+    Cheap next to training: one `set()` per text, the tokenizer's own normalizer and
+    pre-tokenizer run once per distinct character (normalizing whole texts would cost a
+    third of the training), and a scan for the few characters not yet seen continuing a
+    word. Assumes the normalizer works character by character (BertNormalizer does); a
+    '##c' missed anyway is caught after training (`_train_wordpiece`)."""
+    norm, pre = tok.normalizer, tok.pre_tokenizer
+    forms: dict[str, str] = {}  # raw character -> its normalized form ('' when dropped)
+    joins: dict[str, bool] = {}  # normalized character -> can it be inside a longer word
+    alphabet: set[str] = set()
+    tails: set[str] = set()  # characters seen continuing a word
+    pending: set[str] = set()  # raw characters whose form may continue a word, not yet seen to
+    for text in texts:
+        chars = set(text)
+        for r in chars.difference(forms):
+            form = forms[r] = norm.normalize_str(r)
+            for c in form:
+                if c not in joins:
+                    joins[c] = [w for w, _ in pre.pre_tokenize_str("a" + c)] == ["a" + c]
+                    if any(c in w for w, _ in pre.pre_tokenize_str(c)):
+                        alphabet.add(c)
+            tails.update(b for a, b in zip(form, form[1:]) if joins[a] and joins[b])
+            if form and joins[form[0]]:
+                pending.add(r)
+        for r in chars.intersection(pending):
+            first = forms[r][0]
+            i = -1 if first in tails else text.find(r)
+            while i >= 0:
+                j = i - 1
+                while j >= 0 and not forms[text[j]]:  # skip what the normalizer drops
+                    j -= 1
+                if j >= 0 and joins[forms[text[j]][-1]]:
+                    tails.add(first)
+                    break
+                i = text.find(r, i + 1)
+            if first in tails:
+                pending.discard(r)
+    return sorted(alphabet) + ["##" + c for c in sorted(tails)]
+
+
+def _train_wordpiece(texts: list[str], cfg: TokenizerConfig):
+    """WordPiece with fixed ids for its starting symbols, renumbered in sorted order."""
+    from tokenizers import models
+
+    symbols = set(_wordpiece_symbols(texts, _blank(cfg)[0]))
+    for _ in range(2):
+        pinned = SPECIAL_TOKENS + sorted(symbols - set(SPECIAL_TOKENS), key=lambda t: (t.startswith("##"), t))
+        tok, trainer = _blank(cfg, specials=pinned)
+        tok.train_from_iterator(texts, trainer)
+        vocab = tok.get_vocab()
+        # Merges make pieces of two characters or more, so single characters and '##c' are
+        # the starting symbols. One we missed (a character the normalizer changes only in
+        # context) would get an id in hash-map order: train again with it in place, which
+        # gives what finding it up front would have.
+        missed = {t for t in vocab if len(t) == 1 or (len(t) == 3 and t.startswith("##"))} - set(pinned)
+        if not missed:
+            break
+        symbols |= missed
+    ordered = SPECIAL_TOKENS + sorted(t for t in vocab if t not in SPECIAL_TOKENS)
+    tok, _ = _blank(cfg)  # a fresh tokenizer: the pinned symbols must not stay special tokens
+    tok.model = models.WordPiece(vocab={t: i for i, t in enumerate(ordered)}, unk_token="[UNK]")
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return tok
+
+
+def _canonical_unigram(tok, cfg: TokenizerConfig):
+    """The trained unigram model without its hash-order and float-summation noise: scores
+    rounded to 1e-3 (the noise is ~1e-10); the characters the trainer appended at
+    `min + k * 1e-4` in hash-set order get those steps in alphabetical order; pieces are
+    numbered by (score, piece)."""
+    from tokenizers import models
+
+    spec = json.loads(tok.to_str())["model"]
+    scores = {p: s for p, s in spec["vocab"] if p not in SPECIAL_TOKENS}
+    low = min(scores.values())
+    step, appended, k = 1e-4, [], 0
+    while True:  # the run of single characters at low, low + step, low + 2 * step, ...
+        here = [p for p, s in scores.items() if len(p) == 1 and abs(s - (low + k * step)) < 1e-7]
+        if not here:
+            break
+        appended += here
+        k += 1
+    scores = {p: round(s, 3) for p, s in scores.items()}
+    for k, p in enumerate(sorted(appended)):
+        scores[p] = round(round(low, 3) + k * step, 7)
+    vocab = [(t, 0.0) for t in SPECIAL_TOKENS] + sorted(scores.items(), key=lambda ps: (-ps[1], ps[0]))
+    fresh, _ = _blank(cfg)
+    fresh.model = models.Unigram(vocab, unk_id=SPECIAL_TOKENS.index("[UNK]"), byte_fallback=spec.get("byte_fallback", False))
+    fresh.add_special_tokens(SPECIAL_TOKENS)
+    return fresh
+
+
 def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig):
-    """A tokenizer of `cfg.kind` trained from scratch on `texts`, with BERT's specials."""
+    """A tokenizer of `cfg.kind` trained from scratch on `texts`, with BERT's specials.
+    The same texts and config give the same tokenizer in every process (see the module
+    docstring; for unigram as far as float noise allows)."""
     from tokenizers import processors
     from transformers import BertTokenizerFast, PreTrainedTokenizerFast
 
-    from tokenizers import models
-
-    tok, trainer = _blank(cfg)
-    tok.train_from_iterator(texts, trainer)
+    texts = texts if isinstance(texts, list) else list(texts)  # read twice for WordPiece
     if cfg.kind == "wordpiece":
-        # The WordPiece trainer numbers its vocabulary in hash-map order; sorted ids at
-        # least make equal vocabularies equal. (Its tie-breaking between equally frequent
-        # pairs also follows hash-map order, so two trainings can still differ in a few
-        # tokens: prepare reuses the tokenizer of an interrupted run for that reason.)
-        vocab = tok.get_vocab()
-        ordered = SPECIAL_TOKENS + sorted(t for t in vocab if t not in SPECIAL_TOKENS)
-        tok.model = models.WordPiece(vocab={t: i for i, t in enumerate(ordered)}, unk_token="[UNK]")
+        tok = _train_wordpiece(texts, cfg)
+    else:
+        tok, trainer = _blank(cfg)
+        tok.train_from_iterator(texts, trainer)
+        if cfg.kind == "unigram":
+            tok = _canonical_unigram(tok, cfg)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

@@ -27,11 +27,31 @@ CHECKPOINT_STATE = "train_state.pt"
 
 
 def get_lr(step: int, cfg) -> float:
-    """Linear warmup to the peak, then linear decay to zero at max_steps."""
+    """Linear warmup to the peak, then `cfg.schedule`: linear or cosine decay to zero at
+    max_steps, or warmup-stable-decay (flat, then linear to zero over the last
+    `cfg.decay_fraction` of the steps)."""
     if step < cfg.warmup_steps:
         return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    remaining = max(0, cfg.max_steps - step) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return cfg.learning_rate * remaining
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    if cfg.schedule == "cosine":
+        return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if cfg.schedule == "wsd":
+        decay_start = 1.0 - cfg.decay_fraction
+        return cfg.learning_rate * (1.0 if progress < decay_start else (1.0 - progress) / max(cfg.decay_fraction, 1e-9))
+    return cfg.learning_rate * (1.0 - progress)
+
+
+# Dense bf16 peak FLOP/s per device, for model FLOPs utilization (no entry: no MFU).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}
+
+
+def peak_flops(device) -> float | None:
+    import torch
+
+    if getattr(device, "type", device) != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def batch_to_tensors(batch, device, masker=None, seed: int = 0, epoch: int = 0) -> dict[str, Any]:
@@ -68,11 +88,55 @@ def _param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _save_checkpoint(dir_: Path, model, optimizer, step: int, epoch: int) -> None:
+def _save_checkpoint(dir_: Path, model, optimizer, step: int, epoch: int, micro_batches: int) -> None:
+    """Weights (safetensors) + optimizer state + position. The learning rate is a
+    function of the step, dropout draws are seeded per step, and the data position is
+    `micro_batches` per worker: nothing else is needed to continue exactly. Ray Train
+    moves the folder into storage only once it is complete, so a checkpoint cut off
+    while writing is never reported, hence never loaded."""
     import torch
 
     model.save_pretrained(str(dir_ / CHECKPOINT_MODEL), safe_serialization=True)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch}, dir_ / CHECKPOINT_STATE)
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "micro_batches": micro_batches},
+               dir_ / CHECKPOINT_STATE)
+
+
+def validate(model, loop_config: dict[str, Any], device, autocast) -> dict[str, float]:
+    """Masked loss, accuracy and perplexity on the first validation batches (rank 0)."""
+    from mlm.evaluate import _batches, score
+
+    cfg = config_from_dict(loop_config["config"])
+    c = score(model, _batches(loop_config["validation_files"], cfg.eval.batch_size), device=device,
+              max_batches=cfg.train.validate_batches, autocast=autocast)
+    loss = c["loss_sum"] / max(1, c["n"])
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_top1_accuracy": c["top1"] / max(1, c["n"])}
+
+
+def _agree(flag: bool, world_size: int) -> bool:
+    """Rank 0's decision, on every rank."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size == 1 or not dist.is_initialized():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def _record(loop_config: dict[str, Any], client, metrics: dict[str, float], step: int) -> None:
+    """Rank 0's metrics: to MLflow, and as JSON lines in the run folder when this node
+    can write there (always on one machine; on a cluster when it is shared storage)."""
+    import json
+
+    if client:
+        _log_metrics(client, loop_config["mlflow_run_id"], metrics, step)
+    path = loop_config.get("log_file")
+    if path and os.path.isdir(os.path.dirname(path)):
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -81,6 +145,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch
     from transformers import BertForMaskedLM
 
+    from mlm.loader import EpochPlan, Prefetcher, RowGroup, worker_batches
     from mlm.masking import Masker
     from mlm.model import build_model, masked_lm_objective
 
@@ -93,18 +158,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(tc.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
 
     # ---- model, optimizer, resume
-    start_step, start_epoch, opt_state = 0, 0, None
+    start_step, opt_state = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             model = BertForMaskedLM.from_pretrained(os.path.join(d, CHECKPOINT_MODEL))
             state = torch.load(os.path.join(d, CHECKPOINT_STATE), weights_only=True, map_location="cpu")
-        start_step, start_epoch, opt_state = state["step"], state["epoch"] + 1, state["optimizer"]
+        start_step, opt_state = state["step"], state["optimizer"]
     else:
         model = build_model(cfg.model, loop_config["vocab_size"], loop_config["pad_token_id"])
     raw_model = model
     # DDP wraps the objective (encoder + sparse head), so gradients sync through it.
-    model = ray.train.torch.prepare_model(masked_lm_objective(raw_model))  # gloo on CPU, NCCL on GPU
+    objective = masked_lm_objective(raw_model)
+    if tc.compile:  # fused kernels; the first steps pay for compilation
+        objective = torch.compile(objective)
+    model = ray.train.torch.prepare_model(objective)  # gloo on CPU, NCCL on GPU
     optimizer = torch.optim.AdamW(
         _param_groups(raw_model, tc.weight_decay), lr=tc.learning_rate, betas=(0.9, 0.98), eps=1e-6,
         fused=device.type == "cuda",
@@ -122,79 +190,107 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     accumulation = tc.global_batch_size // (tc.micro_batch_size * world_size)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     masker = Masker(loop_config["dynamic_masking"]) if loop_config.get("dynamic_masking") else None
-    # Length-binned (padded) data keeps its bins: rows are not shuffled across batches.
-    shuffle_rows = tc.micro_batch_size * 16 if loop_config.get("packing", "pack") == "pack" else None
-    shard = ray.train.get_dataset_shard("train")
-    step, epoch, micro = start_step, start_epoch, 0
+    groups = [RowGroup(**g) for g in loop_config["row_groups"]]
+    # Length-binned (padded) data keeps its bins: groups and rows are not shuffled.
+    shuffle = loop_config.get("packing", "pack") == "pack"
+    per_epoch = EpochPlan(groups, tc.seed, 0, tc.micro_batch_size, world_size).micro_batches_per_worker
+    if per_epoch == 0:
+        raise RuntimeError("the training split is smaller than train.micro_batch_size x train.num_workers")
+
+    def micro_batches(first: int):
+        """This worker's micro-batches from global number `first` on, epoch after epoch,
+        as (epoch, pyarrow table); the position alone decides what comes next."""
+        epoch, offset = divmod(first, per_epoch)
+        while True:
+            plan = EpochPlan(groups, tc.seed, epoch, tc.micro_batch_size, world_size, shuffle)
+            for table in worker_batches(plan, rank, offset):
+                yield epoch, table
+            epoch, offset = epoch + 1, 0
+
+    def to_inputs(item):
+        epoch, table = item
+        return epoch, batch_to_tensors(table, device, masker, masker.spec["seed"] if masker else 0, epoch)
+
+    step = start_step
+    stream = Prefetcher(micro_batches(step * accumulation), to_inputs, depth=tc.prefetch_batches)
     window_tokens, window_start, loss_sum, loss_count = 0, time.time(), 0.0, 0
-    run_start = time.time()
+    wait_mark, run_start = 0.0, time.time()
+    flops_per_token, peak = loop_config.get("flops_per_token"), peak_flops(device)
+    best_val, evals_without_gain = math.inf, 0
     model.train()
-    while step < tc.max_steps:
-        batches = shard.iter_batches(
-            batch_size=tc.micro_batch_size, batch_format="pyarrow", drop_last=True, prefetch_batches=2,
-            local_shuffle_buffer_size=shuffle_rows, local_shuffle_seed=tc.seed * 1000 + epoch * 10 + rank,
-        )
-        seen_in_epoch = 0
-        for batch in batches:
-            seen_in_epoch += 1
-            inputs = batch_to_tensors(batch, device, masker, masker.spec["seed"] if masker else 0, epoch)
-            micro += 1
-            sync = micro % accumulation == 0
-            # Gradients are all-reduced only on the last micro-batch of a step.
-            with (model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()):
-                with autocast:  # bf16 matmuls on GPU; the loss itself is computed in float32
-                    loss = model(inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
-                (loss / accumulation).backward()
-            loss_sum += float(loss.detach())
-            loss_count += 1
-            window_tokens += inputs["tokens"]
-            if not sync:
-                continue
-            lr = get_lr(step, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+    micro = 0
+    for epoch, inputs in stream:
+        # Dropout draws from (seed, step, micro-batch, rank): no RNG state to checkpoint,
+        # and a resumed run draws exactly what an uninterrupted one would have.
+        torch.manual_seed(hash((tc.seed, step, micro, rank)) & 0x7FFFFFFF)
+        micro += 1
+        sync = micro % accumulation == 0
+        # Gradients are all-reduced only on the last micro-batch of a step.
+        with (model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()):
+            with autocast:  # bf16 matmuls on GPU; the loss itself is computed in float32
+                loss = model(inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+            (loss / accumulation).backward()
+        loss_sum += float(loss.detach())
+        loss_count += 1
+        window_tokens += inputs["tokens"]
+        if not sync:
+            continue
+        micro = 0
+        lr = get_lr(step, tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
 
-            if step % tc.log_every == 0 or step == tc.max_steps:
-                elapsed = time.time() - window_start
-                metrics = {
-                    "train_loss": loss_sum / max(1, loss_count),
-                    "learning_rate": lr,
-                    "grad_norm": float(grad_norm),
-                    # every rank sees the same number of sequences; their lengths differ only slightly
-                    "tokens_per_s": window_tokens * world_size / max(elapsed, 1e-9),
-                    "epoch": epoch,
-                }
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            elapsed = time.time() - window_start
+            tokens_per_s = window_tokens * world_size / max(elapsed, 1e-9)  # equal batches on every rank
+            metrics = {
+                "train_loss": loss_sum / max(1, loss_count),
+                "learning_rate": lr,
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": tokens_per_s,
+                "data_wait_fraction": (stream.wait_s - wait_mark) / max(elapsed, 1e-9),
+                "epoch": epoch,
+            }
+            if flops_per_token and peak:
+                metrics["mfu"] = tokens_per_s / world_size * flops_per_token / peak
+            if is_rank0:
+                eta = (time.time() - run_start) / max(1, step - start_step) * (tc.max_steps - step)
+                print(
+                    f"step {step}/{tc.max_steps} loss {metrics['train_loss']:.4f} lr {lr:.2e} "
+                    f"tok/s {tokens_per_s:,.0f} data-wait {metrics['data_wait_fraction']:.0%} eta {eta:,.0f}s",
+                    flush=True,
+                )
+                _record(loop_config, mlflow_client, metrics, step)
+            window_tokens, window_start, loss_sum, loss_count = 0, time.time(), 0.0, 0
+            wait_mark = stream.wait_s
+
+        stop = False
+        if tc.validate_every and (step % tc.validate_every == 0 or step == tc.max_steps):
+            val = validate(raw_model, loop_config, device, autocast) if is_rank0 else {}
+            if is_rank0:
+                _record(loop_config, mlflow_client, val, step)
+                improved = val["val_loss"] < best_val - 1e-6
+                best_val, evals_without_gain = (val["val_loss"], 0) if improved else (best_val, evals_without_gain + 1)
+                stop = bool(tc.early_stopping_patience) and evals_without_gain >= tc.early_stopping_patience
+            stop = _agree(stop, world_size)  # every rank stops at the same step
+            model.train()
+
+        if step % tc.checkpoint_every == 0 or step == tc.max_steps or stop:
+            # Every rank reports (Ray Train V2 needs equal calls); only rank 0 writes files.
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt = None
                 if is_rank0:
-                    eta = (time.time() - run_start) / max(1, step - start_step) * (tc.max_steps - step)
-                    print(
-                        f"step {step}/{tc.max_steps} loss {metrics['train_loss']:.4f} lr {lr:.2e} "
-                        f"tok/s {metrics['tokens_per_s']:,.0f} eta {eta:,.0f}s",
-                        flush=True,
-                    )
-                    if mlflow_client:
-                        _log_metrics(mlflow_client, loop_config["mlflow_run_id"], metrics, step)
-                window_tokens, window_start, loss_sum, loss_count = 0, time.time(), 0.0, 0
-
-            if step % tc.checkpoint_every == 0 or step == tc.max_steps:
-                # Every rank reports (Ray Train V2 needs equal calls); only rank 0 writes files.
-                with tempfile.TemporaryDirectory() as tmp:
-                    ckpt = None
-                    if is_rank0:
-                        _save_checkpoint(Path(tmp), raw_model, optimizer, step, epoch)
-                        ckpt = ray.train.Checkpoint.from_directory(tmp)
-                    ray.train.report({"step": step, "train_loss": float(loss.detach()), "epoch": epoch}, checkpoint=ckpt)
-            if step >= tc.max_steps:
-                break
-        if seen_in_epoch == 0:
-            raise RuntimeError(
-                f"worker {rank} got no full batch: the training split is smaller than "
-                f"train.micro_batch_size x train.num_workers"
-            )
-        epoch += 1
+                    _save_checkpoint(Path(tmp), raw_model, optimizer, step, epoch, step * accumulation)
+                    ckpt = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report({"step": step, "train_loss": float(loss.detach()), "epoch": epoch,
+                                  "early_stopped": stop}, checkpoint=ckpt)
+        if step >= tc.max_steps or stop:
+            break
+    stream.close()
 
 
 def _log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -215,8 +311,8 @@ def _dynamic_masker_spec(manifest: dict[str, Any], tokenizer) -> dict[str, Any] 
 
 
 def cpus_per_worker(cfg: Config) -> float:
-    """Training workers must not take every CPU: Ray Data's read and split tasks
-    need one, or the data stream stalls behind the trainers (backpressure)."""
+    """One CPU per worker, or an equal share when workers outnumber CPUs (each worker
+    reads its own batches in a background thread: no separate data tasks to leave room for)."""
     import ray
 
     if cfg.train.cpus_per_worker is not None:
@@ -224,7 +320,7 @@ def cpus_per_worker(cfg: Config) -> float:
     if cfg.train.use_gpu:
         return 1.0
     total = float(ray.cluster_resources().get("CPU", 1))
-    return max(0.1, min(1.0, (total - 1) / cfg.train.num_workers))
+    return max(0.1, min(1.0, total / cfg.train.num_workers))
 
 
 def train(
@@ -236,11 +332,10 @@ def train(
 ) -> dict[str, Any]:
     """Train on a prepared dataset with Ray Train; returns a summary with the model
     directory (`out_dir/model`, HF layout with the tokenizer)."""
-    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from mlm.runtime import ensure_ray, quiet_ray_data, tracking_uri
+    from mlm.runtime import ensure_ray, tracking_uri
     from mlm.tokenizer import load_tokenizer
 
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
@@ -255,9 +350,15 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     ensure_ray()
-    quiet_ray_data()
-    train_ds = ray.data.read_parquet(train_files)
+    from mlm.bench import flops_per_token
+    from mlm.loader import row_groups
+
+    log_file = out_dir / "train_log.jsonl"
     loop_config = {
+        "row_groups": [vars(g) for g in row_groups(train_files)],
+        "validation_files": shards.shard_paths(data_dir, "validation", verify=True),
+        "flops_per_token": flops_per_token(cfg, len(tokenizer), manifest["seq_len"]),
+        "log_file": str(log_file),
         "config": cfg.to_dict(),
         "vocab_size": len(tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
@@ -281,7 +382,6 @@ def train(
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
-        datasets={"train": train_ds},
     )
     started = time.time()
     result = trainer.fit()

@@ -38,7 +38,7 @@ def test_same_shards_on_one_and_two_nodes(ray_cluster, ray_two_nodes, tmp_path, 
 
     two = tmp_path / "two"
     env = {**ray_two_nodes.env, "RAY_ADDRESS": ray_two_nodes.address, "MLM_HOME": str(work), "MLM_PROGRESS": "0"}
-    args = [a for s in sets + [f"tokenizer.path={one / 'tokenizer'}"] for a in ("--set", s)]
+    args = [a for s in sets for a in ("--set", s)]  # the tokenizer is trained again: deterministic
     run = subprocess.run(["mlm", "prepare", str(src), "--out", str(two), *args], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
