@@ -271,6 +271,33 @@ def bench_train(data_dir, steps, warmup, preset, overrides) -> None:
     _echo_json(r)
 
 
+@bench.command("data")
+@click.option("--input", "inputs", multiple=True,
+              help="Corpus file/dir/glob or builtin:NAME (.txt/.jsonl[.gz]); repeatable. Default: a --size-mb corpus.")
+@click.option("--size-mb", default=None, type=click.FloatRange(0, min_open=True),
+              help="Build at least this many MB from builtin:python-docs (default 16 without --input).")
+@click.option("--scale", default=1, show_default=True, type=click.IntRange(1),
+              help="Repeat the corpus N times as N separate copies of every file (compare peak memory at 1x and 10x).")
+@click.option("--seq-len", default=128, show_default=True, type=click.IntRange(8, 8192))
+@click.option("--work", default=None, type=click.Path(file_okay=False), help="Corpus, tokenizer and run logs (default: $MLM_HOME/bench-data).")
+@click.option("--skip-hf", is_flag=True, help="Leave out the Hugging Face datasets contender.")
+@click.option("--raw-method", type=click.Choice(["encode_batch", "encode_batch_fast"]), default="encode_batch", show_default=True)
+@click.option("--keep-outputs", is_flag=True, help="Keep shards, HF caches and the run's MLM_HOME.")
+def bench_data(inputs, size_mb, scale, seq_len, work, skip_hf, raw_method, keep_outputs) -> None:
+    """Data-stage tokens/s and peak memory (whole process tree) of `mlm prepare` next to raw
+    tokenizers and the Hugging Face datasets run_mlm.py way: same corpus, tokenizer and cores."""
+    from mlm.bench_data import bench_data as run
+    from mlm.corpus import InputError
+    from mlm.runtime import work_dir
+
+    if inputs and size_mb:
+        raise InputError("give --input or --size-mb, not both")
+    r = run(list(inputs) or None, 0.0 if inputs else (size_mb or 16.0), scale, seq_len,
+            Path(work) if work else work_dir() / "bench-data", skip_hf,
+            raw_method=raw_method, keep_outputs=keep_outputs, echo=click.echo)
+    _echo_json(r)
+
+
 @cli.group()
 def pipeline() -> None:
     """End-to-end pipelines."""

@@ -95,7 +95,9 @@ class MaskingConfig(_Section):
 
 
 class ModelConfig(_Section):
-    architecture: Literal["bert"] = Field("bert", description="Encoder family.")
+    architecture: Literal["bert", "modernbert"] = Field(
+        "bert", description="Encoder family: BERT, or ModernBERT (RoPE, GeGLU, alternating local/global attention)."
+    )
     hidden_size: int = Field(768, ge=8, description="Width of the encoder.")
     num_layers: int = Field(12, ge=1, description="Transformer layers.")
     num_heads: int = Field(12, ge=1, description="Attention heads; must divide hidden_size.")

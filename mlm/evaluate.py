@@ -36,6 +36,7 @@ def score(net, batches, baseline_id: int = -1, device="cpu", max_batches: int | 
 
     import torch
 
+    from mlm.model import prediction_head
     from mlm.train import batch_to_tensors
 
     net.eval()
@@ -48,7 +49,7 @@ def score(net, batches, baseline_id: int = -1, device="cpu", max_batches: int | 
             hidden = net.base_model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).last_hidden_state
             selected = t["labels"] != -100
             # The prediction head runs only where a token is to be predicted.
-            logits = net.cls(hidden[selected]).float()
+            logits = prediction_head(net)(hidden[selected]).float()
             labels = t["labels"][selected]
             out["loss_sum"] += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
             best5 = logits.topk(5, dim=-1).indices

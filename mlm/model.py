@@ -14,8 +14,8 @@ class ModelError(ValueError):
     pass
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int):
-    from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
+def build_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int, cls_token_id: int = 2, sep_token_id: int = 3):
+    from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, ModernBertConfig, ModernBertForMaskedLM
 
     if cfg.init_from:
         model = AutoModelForMaskedLM.from_pretrained(resolve_model_dir(cfg.init_from))
@@ -24,19 +24,22 @@ def build_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int):
                 f"model.init_from has vocab_size {model.config.vocab_size} but the data's tokenizer has {vocab_size}"
             )
         return model
-    config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=cfg.max_position_embeddings,
-        hidden_dropout_prob=cfg.dropout,
-        attention_probs_dropout_prob=cfg.dropout,
-        pad_token_id=pad_token_id,
+    shape = dict(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings, pad_token_id=pad_token_id,
     )
+    if cfg.architecture == "modernbert":
+        config = ModernBertConfig(
+            **shape, attention_dropout=cfg.dropout, mlp_dropout=cfg.dropout, embedding_dropout=cfg.dropout,
+            cls_token_id=cls_token_id, sep_token_id=sep_token_id, bos_token_id=cls_token_id, eos_token_id=sep_token_id,
+        )
+        model_class = ModernBertForMaskedLM
+    else:
+        config = BertConfig(**shape, hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
+        model_class = BertForMaskedLM
     config._attn_implementation = "sdpa"  # PyTorch scaled-dot-product attention
-    return BertForMaskedLM(config)
+    return model_class(config)
 
 
 def resolve_model_dir(model: str) -> str:
@@ -79,6 +82,14 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def prediction_head(mlm):
+    """hidden [n, H] -> vocabulary logits [n, V] of a masked-LM model (BERT's `cls`,
+    ModernBERT's `head` + `decoder`)."""
+    if hasattr(mlm, "cls"):
+        return mlm.cls
+    return lambda hidden: mlm.decoder(mlm.head(hidden))
+
+
 def masked_lm_objective(model):
     """Wrap a BertForMaskedLM so its forward returns the masked-LM loss with the
     prediction head computed only at masked positions (Cramming/MosaicBERT): with 15%
@@ -95,7 +106,7 @@ def masked_lm_objective(model):
         def forward(self, input_ids, attention_mask, labels):
             hidden = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             selected = labels != -100  # [B, L] -> gather [n_masked, H]
-            logits = self.mlm.cls(hidden[selected])
+            logits = prediction_head(self.mlm)(hidden[selected])
             if logits.shape[0] == 0:  # keep the graph (DDP needs every parameter) but add nothing
                 return logits.sum() * 0.0
             return torch.nn.functional.cross_entropy(logits.float(), labels[selected])

@@ -143,7 +143,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    from transformers import BertForMaskedLM
+    from transformers import AutoModelForMaskedLM
 
     from mlm.loader import EpochPlan, Prefetcher, RowGroup, worker_batches
     from mlm.masking import Masker
@@ -162,11 +162,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            model = BertForMaskedLM.from_pretrained(os.path.join(d, CHECKPOINT_MODEL))
+            model = AutoModelForMaskedLM.from_pretrained(os.path.join(d, CHECKPOINT_MODEL))
             state = torch.load(os.path.join(d, CHECKPOINT_STATE), weights_only=True, map_location="cpu")
         start_step, opt_state = state["step"], state["optimizer"]
     else:
-        model = build_model(cfg.model, loop_config["vocab_size"], loop_config["pad_token_id"])
+        model = build_model(cfg.model, loop_config["vocab_size"], loop_config["pad_token_id"],
+                            loop_config["cls_token_id"], loop_config["sep_token_id"])
     raw_model = model
     # DDP wraps the objective (encoder + sparse head), so gradients sync through it.
     objective = masked_lm_objective(raw_model)
@@ -186,6 +187,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         from mlflow.tracking import MlflowClient
 
         mlflow_client = MlflowClient(tracking_uri=loop_config["tracking_uri"])
+    system_metrics = None
+    if mlflow_client and loop_config.get("system_metrics", True):
+        # MLflow system metrics (CPU, memory, GPU with pynvml) of the node that runs rank 0,
+        # logged to the train run as system/... every 10 s.
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        system_metrics = SystemMetricsMonitor(loop_config["mlflow_run_id"], sampling_interval=10,
+                                              resume_logging=start_step > 0, node_id="rank0",
+                                              tracking_uri=loop_config["tracking_uri"])
+        system_metrics.start()
 
     accumulation = tc.global_batch_size // (tc.micro_batch_size * world_size)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -291,6 +302,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if step >= tc.max_steps or stop:
             break
     stream.close()
+    if system_metrics:
+        system_metrics.finish()
 
 
 def _log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -347,6 +360,15 @@ def train(
             f"{cfg.model.max_position_embeddings}"
         )
     tokenizer = load_tokenizer(data_dir / manifest["tokenizer"]["dir"])
+    if cfg.model.init_from:  # warm start: an MLflow URI is downloaded once, here, not per worker
+        from mlm.model import ModelError, resolve_model_dir
+        from mlm.tokenizer import fingerprint
+
+        init_dir = resolve_model_dir(cfg.model.init_from)
+        if fingerprint(load_tokenizer(init_dir)) != manifest["tokenizer"]["fingerprint"]:
+            raise ModelError(f"model.init_from {cfg.model.init_from} has another tokenizer than the data; "
+                             "prepare the data with its tokenizer (tokenizer.path)")
+        cfg = config_from_dict(cfg.to_dict() | {"model": cfg.to_dict()["model"] | {"init_from": init_dir}})
     out_dir.mkdir(parents=True, exist_ok=True)
 
     ensure_ray()
@@ -362,6 +384,8 @@ def train(
         "config": cfg.to_dict(),
         "vocab_size": len(tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
+        "cls_token_id": tokenizer.cls_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
         "mlflow_run_id": mlflow_run_id,
         "tracking_uri": tracking_uri(),
         "packing": manifest.get("packing", "pack"),

@@ -153,3 +153,21 @@ def test_bench_train_reports_both_contenders(result):
     n_params = count_parameters(build_model(cfg.model, 4096, 0))
     embeddings = 4096 * 128 + 128 * 128 + 2 * 128
     assert 5.5 * (n_params - embeddings) < flops_per_token(cfg, 4096, 128) < 8 * n_params
+
+
+def test_warm_start_from_the_registered_champion(result, tmp_path):
+    """`model.init_from` takes an MLflow model URI: training continues from the champion
+    (its first loss is far below a fresh model's), and the training log has validation
+    and data-wait records."""
+    from mlm.train import train
+
+    name = result["registered"]["name"]
+    sets = ["train.num_workers=1", "train.max_steps=4", "train.log_every=1", "train.checkpoint_every=4",
+            "train.warmup_steps=1", "train.validate_every=4", "train.validate_batches=2"]
+    warm = train(result["data_dir"], tmp_path / "warm", load_config("tiny", sets + [f"model.init_from=models:/{name}@champion"]))
+    assert warm["steps"] == 4
+    log = [json.loads(line) for line in (tmp_path / "warm" / "train_log.jsonl").read_text().splitlines()]
+    first = next(r for r in log if "train_loss" in r)
+    assert first["train_loss"] < result["metrics"]["loss"] + 0.5  # the champion's level, not ~ln(vocab)
+    assert first["train_loss"] < 6.0 and 0.0 <= first["data_wait_fraction"] <= 1.0
+    assert any("val_loss" in r for r in log)
