@@ -22,13 +22,15 @@ SET = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", hel
 def _user_errors() -> tuple[type[BaseException], ...]:
     from mlm.corpus import InputError
     from mlm.evaluate import EvalError
+    from mlm.export import ExportError
     from mlm.model import ModelError
     from mlm.predict import PredictError
     from mlm.registry import RegistryError
     from mlm.shards import DatasetError
     from mlm.tokenizer import TokenizerError
 
-    return (ConfigError, InputError, DatasetError, TokenizerError, ModelError, PredictError, RegistryError, EvalError)
+    return (ConfigError, InputError, DatasetError, TokenizerError, ModelError, PredictError, RegistryError, EvalError,
+            ExportError)
 
 
 def _echo_json(obj) -> None:
@@ -121,20 +123,57 @@ def register(model, name, data_dir, preset, overrides) -> None:
 
 
 @cli.command("fill-mask")
-@click.argument("text")
+@click.argument("text", required=False)
+@click.option("--file", "file_", default=None, help="One text per line ('-': stdin); answers as JSON lines.")
 @click.option("--model", default=None, help="Model dir or MLflow URI (default: models:/<registry.model_name>@champion).")
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(1, 100))
 @PRESET
 @SET
-def fill_mask(text, model, top_k, preset, overrides) -> None:
-    """Predict the [MASK] tokens of TEXT."""
-    from mlm.predict import fill_mask as run
+def fill_mask(text, file_, model, top_k, preset, overrides) -> None:
+    """Predict the [MASK] tokens of TEXT, or of every line of --file (the model is
+    loaded once; a progress bar on stderr; a bad line gets an error record, not an abort)."""
+    from mlm.predict import FillMask, PredictError
 
+    if (text is None) == (file_ is None):
+        raise PredictError("give TEXT or --file (one of them)")
     model = model or f"models:/{load_config(preset, overrides).registry.model_name}@champion"
-    for i, preds in enumerate(run(text, model, top_k)):
-        click.echo(f"[MASK] #{i + 1}")
-        for p in preds:
-            click.echo(f"  {p['score']:.4f}  {p['token']}")
+    predictor = FillMask(model)
+    if text is not None:
+        for i, preds in enumerate(predictor(text, top_k)):
+            click.echo(f"[MASK] #{i + 1}")
+            for p in preds:
+                click.echo(f"  {p['score']:.4f}  {p['token']}")
+        return
+    if file_ != "-" and not os.path.isfile(file_):
+        raise PredictError(f"no such file: {file_}")
+    stream = sys.stdin if file_ == "-" else open(file_, encoding="utf-8", errors="replace")
+    with stream:
+        lines = [line.rstrip("\n") for line in stream]
+    errors = 0
+    with click.progressbar(lines, label="fill-mask", file=sys.stderr) as bar:
+        for n, line in enumerate(bar, 1):
+            try:
+                record = {"line": n, "text": line, "masks": predictor(line, top_k)}
+            except PredictError as e:
+                record, errors = {"line": n, "text": line, "error": str(e)}, errors + 1
+            click.echo(json.dumps(record, ensure_ascii=False))
+    click.echo(f"fill-mask: {len(lines)} lines, {errors} with errors", err=True)
+
+
+@cli.group()
+def export() -> None:
+    """Export models."""
+
+
+@export.command("onnx")
+@click.argument("model")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@click.option("--data", "data_dir", default=None, help="Check parity on this dataset's validation split (default: sample text).")
+def export_onnx(model, out, data_dir) -> None:
+    """ONNX (input_ids, attention_mask -> logits) with a parity check against PyTorch."""
+    from mlm.export import export_onnx as run
+
+    _echo_json(run(model, out, data_dir))
 
 
 @cli.group()

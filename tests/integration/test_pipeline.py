@@ -171,3 +171,37 @@ def test_warm_start_from_the_registered_champion(result, tmp_path):
     assert first["train_loss"] < result["metrics"]["loss"] + 0.5  # the champion's level, not ~ln(vocab)
     assert first["train_loss"] < 6.0 and 0.0 <= first["data_wait_fraction"] <= 1.0
     assert any("val_loss" in r for r in log)
+
+
+def test_cli_fill_mask_answers_a_file_of_1000_lines(result, work, tmp_path):
+    """The model is loaded once; every line gets a JSON answer or an error record."""
+    name = result["registered"]["name"]
+    lines = [f"the [MASK] statement number {i} returns a value." for i in range(997)]
+    lines += ["no mask on this line", "two [MASK] and [MASK].", " ".join(["word"] * 400) + " [MASK]"]
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(lines) + "\n")
+    out = subprocess.run(["mlm", "fill-mask", "--file", str(src), "--model", f"models:/{name}@champion", "--top-k", "3"],
+                         capture_output=True, text=True, env=_env(work), timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["line"] for r in records] == list(range(1, 1001))
+    assert all(len(r["masks"]) == 1 and len(r["masks"][0]) == 3 for r in records[:997])
+    assert "no [MASK]" in records[997]["error"] and len(records[998]["masks"]) == 2
+    assert "at most 128" in records[999]["error"]
+    assert "fill-mask" in out.stderr and "1000 lines, 2 with errors" in out.stderr
+    stdin = subprocess.run(["mlm", "fill-mask", "--file", "-", "--model", result["model_dir"]], input="a [MASK] b\n",
+                           capture_output=True, text=True, env=_env(work), timeout=300)
+    assert stdin.returncode == 0 and json.loads(stdin.stdout)["masks"]
+    unknown = subprocess.run(["mlm", "fill-mask", "x [MASK]", "--model", str(tmp_path / "nope")],
+                             capture_output=True, text=True, env=_env(work), timeout=300)
+    assert unknown.returncode == 2 and "not a model directory" in unknown.stderr and "Traceback" not in unknown.stderr
+
+
+def test_onnx_export_matches_pytorch_on_the_evaluation_set(result, work, tmp_path):
+    out = subprocess.run(["mlm", "export", "onnx", result["model_dir"], "--out", str(tmp_path / "m.onnx"),
+                          "--data", result["data_dir"]], capture_output=True, text=True, env=_env(work), timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout[out.stdout.index("{"):])
+    assert report["top1_agreement"] == 1.0 and report["masked_positions"] > 500
+    assert report["max_abs_logit_diff"] < report["atol"] == 1e-3
+    assert (tmp_path / "m.onnx").stat().st_size > 1000 and not list(tmp_path.glob(".m.onnx.tmp*"))

@@ -5,7 +5,7 @@ from mlm.config import Config, ConfigError, load_config, preset_names
 
 def test_defaults_and_every_preset_are_valid():
     assert Config().model.hidden_size == 768  # the class defaults are BERT-base
-    assert {"tiny", "small", "base", "large"} <= set(preset_names())
+    assert {"tiny", "mini", "small", "base", "large"} <= set(preset_names())
     for name in preset_names():
         load_config(name)
 

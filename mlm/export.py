@@ -1,0 +1,105 @@
+"""Export a masked-LM model to ONNX and check it against PyTorch.
+
+The ONNX graph takes `input_ids` and `attention_mask` (int64, [batch, sequence], both
+axes dynamic) and returns `logits` [batch, sequence, vocab]. The parity check runs both
+on real sequences (the validation split of a dataset, or the model's own tokenizer on
+sample text) and reports the largest absolute logit difference and how often the top-1
+token at the masked positions agrees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ATOL = 1e-3  # float32 on CPU: differences come from kernel order, far below this
+
+
+class ExportError(ValueError):
+    pass
+
+
+def _wrapper(net):
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self, mlm):
+            super().__init__()
+            self.mlm = mlm
+
+        def forward(self, input_ids, attention_mask):
+            return self.mlm(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    return Logits(net).eval()
+
+
+def _parity_batches(data_dir: str | None, tokenizer, batch_size: int, max_batches: int):
+    """(input_ids, attention_mask, labels) int64 arrays for the check."""
+    from mlm import shards
+
+    if data_dir:
+        from mlm.evaluate import _batches
+
+        files = shards.shard_paths(data_dir, "validation", verify=True)
+        for i, batch in enumerate(_batches(files, batch_size)):
+            if i >= max_batches:
+                return
+            ids, labels = shards.column_2d(batch, "input_ids"), shards.column_2d(batch, "labels")
+            n = np.asarray(batch.column("num_tokens"))
+            mask = (np.arange(ids.shape[1])[None, :] < n[:, None]).astype(np.int64)
+            yield ids.astype(np.int64), mask, labels.astype(np.int64)
+        return
+    texts = [f"the {tokenizer.mask_token} statement number {i} returns a value." for i in range(batch_size)]
+    enc = tokenizer(texts, padding=True, return_tensors="np")
+    ids = enc["input_ids"].astype(np.int64)
+    yield ids, enc["attention_mask"].astype(np.int64), np.where(ids == tokenizer.mask_token_id, 1, -100)
+
+
+def export_onnx(model: str, out: str | Path, data_dir: str | None = None, batch_size: int = 16,
+                max_batches: int = 8, opset: int = 18) -> dict[str, Any]:
+    """Write `out` (ONNX, by temporary name and rename) and `out`.parity.json; returns
+    the parity report. Raises ExportError when the outputs disagree beyond ATOL."""
+    import onnxruntime as ort
+    import torch
+
+    from mlm.model import load_model_dir
+
+    net, tokenizer = load_model_dir(model)
+    net.config._attn_implementation = "eager"  # plain matmuls trace into portable ONNX ops
+    wrapper = _wrapper(net)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    sample = torch.ones((2, 16), dtype=torch.int64)
+    torch.onnx.export(
+        wrapper, (sample, sample), str(tmp), input_names=["input_ids", "attention_mask"], output_names=["logits"],
+        dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+                      "logits": {0: "batch", 1: "sequence"}},
+        opset_version=opset, dynamo=False,
+    )
+    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    worst, agree, total, rows = 0.0, 0, 0, 0
+    with torch.inference_mode():
+        for ids, mask, labels in _parity_batches(data_dir, tokenizer, batch_size, max_batches):
+            expected = wrapper(torch.from_numpy(ids), torch.from_numpy(mask)).float().numpy()
+            got = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+            real = mask.astype(bool)
+            worst = max(worst, float(np.abs(expected[real] - got[real]).max()))
+            at = labels != -100
+            agree += int((expected[at].argmax(-1) == got[at].argmax(-1)).sum())
+            total += int(at.sum())
+            rows += len(ids)
+    report = {"onnx": str(out), "opset": opset, "rows": rows, "masked_positions": total,
+              "max_abs_logit_diff": worst, "atol": ATOL, "top1_agreement": agree / max(1, total),
+              "data": str(data_dir) if data_dir else "sample text"}
+    if worst > ATOL or agree != total:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"ONNX output differs from PyTorch: max |logit diff| {worst:.2e} (atol {ATOL}), "
+                          f"top-1 agreement {agree}/{total}")
+    os.replace(tmp, out)
+    Path(str(out) + ".parity.json").write_text(json.dumps(report, indent=2))
+    return report
