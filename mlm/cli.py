@@ -160,6 +160,22 @@ def fill_mask(text, file_, model, top_k, preset, overrides) -> None:
     click.echo(f"fill-mask: {len(lines)} lines, {errors} with errors", err=True)
 
 
+@cli.command("predict")
+@click.option("--input", "input_path", required=True, help="Text file, one input per line.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="JSON lines, in input order.")
+@click.option("--task", type=click.Choice(["fill-mask", "embed"]), default="fill-mask", show_default=True)
+@click.option("--model", default=None, help="Model dir or MLflow URI (default: models:/<registry.model_name>@champion).")
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(1, 100))
+@PRESET
+@SET
+def predict(input_path, out_path, task, model, top_k, preset, overrides) -> None:
+    """Batch fill-mask or embedding extraction over a large file with Ray Data."""
+    from mlm.predict import predict_file
+
+    model = model or f"models:/{load_config(preset, overrides).registry.model_name}@champion"
+    _echo_json(predict_file(model, input_path, out_path, task, top_k))
+
+
 @cli.group()
 def export() -> None:
     """Export models."""

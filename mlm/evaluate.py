@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 
+import numpy as np
+
 from mlm import shards
 
 
@@ -60,6 +62,26 @@ def score(net, batches, baseline_id: int = -1, device="cpu", max_batches: int | 
     return out
 
 
+# The fixed evaluation set is masked with `random`; these are also scored, on the same
+# rows re-masked at the same rate with the evaluation seed (the original ids are known:
+# they are the labels where a label is set, the input elsewhere).
+OTHER_STRATEGIES = ("whole_word", "span")
+
+
+def _remasked(batches, tokenizer, manifest: dict[str, Any], strategy: str):
+    from mlm.masking import Masker, batch_rng
+    from mlm.prepare import masker_spec
+
+    settings = manifest["masking"]["validation"] | {"strategy": strategy, "span_geometric_p": 0.2, "span_max_words": 10}
+    masker = Masker(masker_spec(tokenizer, settings, []))
+    for i, batch in enumerate(batches):
+        ids, labels = shards.column_2d(batch, "input_ids"), shards.column_2d(batch, "labels")
+        original = np.where(labels >= 0, labels, ids).astype(np.int32)
+        n = np.asarray(batch.column("num_tokens"))
+        rng = batch_rng(settings["seed"], strategy.encode(), i.to_bytes(8, "big"))
+        yield shards.to_table(*masker(original, n, rng), n)
+
+
 def evaluate(model: Any, data_dir: str | Path, batch_size: int = 64, max_batches: int | None = None) -> dict[str, Any]:
     """Top-1/top-5 masked accuracy, loss and perplexity of `model` (a model directory,
     an MLflow model URI, or a loaded (model, tokenizer) pair) on `data_dir`'s
@@ -77,7 +99,13 @@ def evaluate(model: Any, data_dir: str | Path, batch_size: int = 64, max_batches
     if n == 0:
         raise EvalError(f"no masked tokens in the validation split of {data_dir}")
     loss = loss_sum / n
-    return {
+    per_strategy = {}
+    for strategy in OTHER_STRATEGIES:
+        c = score(net, _remasked(_batches(files, batch_size), tokenizer, manifest, strategy), max_batches=max_batches)
+        if c["n"]:
+            per_strategy |= {f"{strategy}_loss": c["loss_sum"] / c["n"], f"{strategy}_top1_accuracy": c["top1"] / c["n"],
+                             f"{strategy}_top5_accuracy": c["top5"] / c["n"]}
+    return per_strategy | {
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
         "top1_accuracy": top1 / n,

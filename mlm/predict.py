@@ -37,3 +37,78 @@ class FillMask:
 
 def fill_mask(text: str, model: str, top_k: int = 5) -> list[list[dict[str, Any]]]:
     return FillMask(model)(text, top_k)
+
+
+class _BatchPredictor:
+    """Ray Data stage: a batch of lines -> one JSON answer per line (fill-mask
+    predictions, or a mean-pooled embedding), the model loaded once per actor."""
+
+    def __init__(self, model_dir: str, task: str, top_k: int):
+        self.task, self.top_k = task, top_k
+        if task == "fill-mask":
+            self.fill = FillMask(model_dir)
+        else:
+            from mlm.model import load_model_dir
+
+            self.net, self.tokenizer = load_model_dir(model_dir)
+            self.net.eval()
+            self.max_len = int(self.net.config.max_position_embeddings)
+
+    def __call__(self, batch: dict) -> dict:
+        import json
+
+        texts = [str(t) for t in batch["text"]]
+        if self.task == "fill-mask":
+            out = []
+            for t in texts:
+                try:
+                    out.append(json.dumps({"text": t, "masks": self.fill(t, self.top_k)}, ensure_ascii=False))
+                except PredictError as e:
+                    out.append(json.dumps({"text": t, "error": str(e)}, ensure_ascii=False))
+            return {"json": out}
+        import torch
+
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
+        with torch.inference_mode():
+            hidden = self.net.base_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # mean over real tokens
+        return {"json": [json.dumps({"text": t, "embedding": [round(float(x), 6) for x in v]}, ensure_ascii=False)
+                         for t, v in zip(texts, pooled)]}
+
+
+def predict_file(model: str, input_path: str, out_path: str, task: str = "fill-mask", top_k: int = 5,
+                 batch_size: int = 64) -> dict[str, Any]:
+    """Batch inference over a text file (one input per line) with Ray Data; writes JSON
+    lines in input order to `out_path` (temporary name, then rename)."""
+    import os
+    from pathlib import Path
+
+    import ray
+
+    from mlm.model import resolve_model_dir
+    from mlm.runtime import ensure_ray, quiet_ray_data
+
+    if task not in ("fill-mask", "embed"):
+        raise PredictError(f"unknown task {task!r}; expected fill-mask or embed")
+    if not os.path.isfile(input_path):
+        raise PredictError(f"no such file: {input_path}")
+    model_dir = resolve_model_dir(model)  # an MLflow URI is downloaded once, here
+    ensure_ray()
+    quiet_ray_data()
+    ds = ray.data.read_text(os.path.abspath(input_path)).map_batches(
+        _BatchPredictor, fn_constructor_kwargs={"model_dir": model_dir, "task": task, "top_k": top_k},
+        # Leave a CPU for the read tasks, or the actors hold every CPU and the read never runs.
+        batch_size=batch_size, concurrency=max(1, int(ray.cluster_resources().get("CPU", 1)) - 1), batch_format="numpy",
+    )
+    out = Path(out_path)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    lines = errors = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for record in batch["json"]:
+                f.write(str(record) + "\n")
+                lines += 1
+                errors += '"error":' in str(record)
+    os.replace(tmp, out)
+    return {"input": input_path, "out": str(out), "task": task, "lines": lines, "errors": errors}

@@ -179,6 +179,9 @@ def register(
         else:
             client.set_registered_model_alias(name, decision, version)
         mlflow.log_dict({"version": version, "alias": decision, "reason": reason}, "gate.json")
+        card = model_card(name, version, decision, reason, metrics, cfg, tags, data_dir)
+        mlflow.log_text(card, "model_card.md")
+        client.update_model_version(name, version, description=card)  # shown on the version's page
     return {
         "name": name,
         "version": version,
@@ -190,6 +193,52 @@ def register(
         "previous_champion": str(previous) if previous is not None else None,
         "model_uri": f"models:/{name}@{decision}",
     }
+
+
+def model_card(name: str, version: str, alias: str, reason: str, metrics: dict[str, Any], cfg: Config,
+               tags: dict[str, str], data_dir: str | Path | None) -> str:
+    """Markdown: what the model is, what data and config made it, how it scored, how to load it."""
+    from mlm import shards
+
+    manifest = shards.read_manifest(data_dir) if data_dir else None
+    m = cfg.model
+    lines = [
+        f"# {name} v{version} (`@{alias}`)", "",
+        f"BERT-style masked language model ({m.architecture}, {m.num_layers} layers, hidden {m.hidden_size}, "
+        f"{m.num_heads} heads), pretrained with mlm — code version `{tags['code_version']}`, "
+        f"config hash `{tags['config_hash']}`.", "",
+        "## Gate", "", f"{reason}.", "",
+        "## Evaluation (fixed evaluation set: validation split masked at "
+        f"{cfg.eval.rate:.0%}, seed {cfg.eval.seed})", "",
+        "| metric | value |", "| --- | --- |",
+        *[f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float)],
+        *[f"| {k} | {v} |" for k, v in metrics.items() if isinstance(v, int) and not isinstance(v, bool)],
+        "", "## Data", "",
+        f"Dataset fingerprint `{tags['data_fingerprint']}`.",
+    ]
+    if manifest:
+        train = manifest["splits"]["train"]
+        lines += [
+            f"{len(manifest['inputs'])} input file(s); {manifest['documents']['kept']:,} documents kept, dropped: "
+            f"{manifest['documents']['dropped'] or 'none'}; {train['tokens']:,} training tokens in {train['rows']:,} "
+            f"sequences of {manifest['seq_len']}; tokenizer {manifest['tokenizer']['fingerprint']} "
+            f"({manifest['tokenizer']['vocab_size']:,} tokens); training masking "
+            f"{manifest['masking']['train'].get('strategy')} at {manifest['masking']['train'].get('rate')} "
+            f"({manifest['masking']['train'].get('mode', 'static')}).",
+        ]
+    lines += [
+        "", "## Training config", "", "```yaml", cfg.to_yaml().strip(), "```", "",
+        "## Load it", "", "```python",
+        "import mlflow",
+        f'fill = mlflow.pyfunc.load_model("models:/{name}@{alias}")',
+        'fill.predict(["the [MASK] statement returns a value."])',
+        "# or, without MLflow or this project, from the downloaded model directory:",
+        "from transformers import pipeline",
+        'pipeline("fill-mask", model="MODEL_DIR")("the [MASK] statement returns a value.")',
+        "```", "",
+        f"CLI: `mlm fill-mask \"the [MASK] statement returns a value.\" --model models:/{name}@{alias}`", "",
+    ]
+    return "\n".join(lines)
 
 
 def _alias_version(client, name: str, alias: str):

@@ -48,6 +48,15 @@ def test_pipeline_learns_and_registers_champion(result):
     tags = info["versions"][-1]["tags"]
     assert tags["data_fingerprint"] == manifest["fingerprint"]
     assert {"config_hash", "code_version", "eval.top1_accuracy", "gate.decision"} <= set(tags)
+    # the model card: on the version's page and as an artifact of the register run
+    from mlflow import MlflowClient
+
+    from mlm.registry import _client
+
+    _client()
+    card = MlflowClient().get_model_version(reg["name"], reg["version"]).description
+    assert card.startswith(f"# {reg['name']} v{reg['version']}") and "## Load it" in card
+    assert f"| top1_accuracy | {m['top1_accuracy']:.4f} |" in card and manifest["tokenizer"]["fingerprint"] in card
 
 
 def test_model_dir_is_plain_hugging_face(result):
@@ -92,6 +101,8 @@ def test_worse_model_becomes_challenger_and_champion_stays(result, work, tmp_pat
     worse_dir = save_model_dir(untrained, tokenizer, tmp_path / "untrained")
     metrics = evaluate(str(worse_dir), result["data_dir"])
     assert metrics["top1_accuracy"] < result["metrics"]["top1_accuracy"]
+    # the same rows re-masked with the other strategies are scored too
+    assert all(0.0 <= metrics[f"{s}_top1_accuracy"] <= metrics[f"{s}_top5_accuracy"] <= 1.0 for s in ("whole_word", "span"))
     before = describe(result["registered"]["name"])["aliases"]["champion"]
     reg = register(worse_dir, result["registered"]["name"], metrics, cfg, data_dir=result["data_dir"])
     assert reg["alias"] == "challenger"
@@ -205,3 +216,24 @@ def test_onnx_export_matches_pytorch_on_the_evaluation_set(result, work, tmp_pat
     assert report["top1_agreement"] == 1.0 and report["masked_positions"] > 500
     assert report["max_abs_logit_diff"] < report["atol"] == 1e-3
     assert (tmp_path / "m.onnx").stat().st_size > 1000 and not list(tmp_path.glob(".m.onnx.tmp*"))
+
+
+def test_batch_predict_with_ray_data(result, work, tmp_path):
+    """`mlm predict`: fill-mask and embeddings over a file, answers in input order."""
+    src = tmp_path / "in.txt"
+    lines = [f"the [MASK] value number {i}." for i in range(150)] + ["no mask here"]
+    src.write_text("\n".join(lines) + "\n")
+    env = {**_env(work), "MLM_PROGRESS": "0"}
+    env.pop("RAY_ADDRESS", None)
+    for task in ("fill-mask", "embed"):
+        out = tmp_path / f"{task}.jsonl"
+        run = subprocess.run(["mlm", "predict", "--input", str(src), "--out", str(out), "--task", task,
+                              "--model", result["model_dir"], "--top-k", "2"], capture_output=True, text=True, env=env,
+                             timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["text"] for r in records] == lines
+        if task == "fill-mask":
+            assert all(len(r["masks"][0]) == 2 for r in records[:150]) and "no [MASK]" in records[150]["error"]
+        else:
+            assert {len(r["embedding"]) for r in records} == {128}
