@@ -69,10 +69,12 @@ OTHER_STRATEGIES = ("whole_word", "span")
 
 
 def _remasked(batches, tokenizer, manifest: dict[str, Any], strategy: str):
+    from mlm.config import MaskingConfig
     from mlm.masking import Masker, batch_rng
     from mlm.prepare import masker_spec
 
-    settings = manifest["masking"]["validation"] | {"strategy": strategy, "span_geometric_p": 0.2, "span_max_words": 10}
+    # span lengths as the masking config's defaults; rate and seed of the evaluation set
+    settings = MaskingConfig().model_dump() | manifest["masking"]["validation"] | {"strategy": strategy}
     masker = Masker(masker_spec(tokenizer, settings, []))
     for i, batch in enumerate(batches):
         ids, labels = shards.column_2d(batch, "input_ids"), shards.column_2d(batch, "labels")

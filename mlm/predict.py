@@ -59,13 +59,15 @@ class _BatchPredictor:
 
         texts = [str(t) for t in batch["text"]]
         if self.task == "fill-mask":
-            out = []
+            out, failed = [], []
             for t in texts:
                 try:
-                    out.append(json.dumps({"text": t, "masks": self.fill(t, self.top_k)}, ensure_ascii=False))
+                    record = {"text": t, "masks": self.fill(t, self.top_k)}
                 except PredictError as e:
-                    out.append(json.dumps({"text": t, "error": str(e)}, ensure_ascii=False))
-            return {"json": out}
+                    record = {"text": t, "error": str(e)}
+                out.append(json.dumps(record, ensure_ascii=False))
+                failed.append("error" in record)
+            return {"json": out, "error": failed}
         import torch
 
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
@@ -74,7 +76,7 @@ class _BatchPredictor:
         mask = enc["attention_mask"].unsqueeze(-1).float()
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # mean over real tokens
         return {"json": [json.dumps({"text": t, "embedding": [round(float(x), 6) for x in v]}, ensure_ascii=False)
-                         for t, v in zip(texts, pooled)]}
+                         for t, v in zip(texts, pooled)], "error": [False] * len(texts)}
 
 
 def predict_file(model: str, input_path: str, out_path: str, task: str = "fill-mask", top_k: int = 5,
@@ -84,6 +86,7 @@ def predict_file(model: str, input_path: str, out_path: str, task: str = "fill-m
     import os
     from pathlib import Path
 
+    import numpy as np
     import ray
 
     from mlm.model import resolve_model_dir
@@ -108,7 +111,7 @@ def predict_file(model: str, input_path: str, out_path: str, task: str = "fill-m
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for record in batch["json"]:
                 f.write(str(record) + "\n")
-                lines += 1
-                errors += '"error":' in str(record)
+            lines += len(batch["json"])
+            errors += int(np.sum(batch["error"]))
     os.replace(tmp, out)
     return {"input": input_path, "out": str(out), "task": task, "lines": lines, "errors": errors}

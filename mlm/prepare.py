@@ -374,15 +374,14 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
     tokenizer = tok_mod.load_tokenizer(tok_dir)  # fingerprint what readers will load
 
     data_cfg = cfg.data.model_dump()
-    jobs = ray.data.from_items(
-        [{"index": i, "range": r.to_dict()} for i, r in enumerate(ranges)], override_num_blocks=len(ranges)
-    )
     known = np.zeros(0, np.uint64)
     if base and (out_dir / DEDUP_HASHES).exists():
         known = np.fromfile(out_dir / DEDUP_HASHES, dtype="<u8")
     skips: list[list[int]] = [[] for _ in ranges]
     if cfg.data.dedup:  # a first, cheaper pass: hashes only, no tokenizing
-        found = jobs.map_batches(range_hashes, fn_kwargs={"data_cfg": data_cfg}, batch_size=1, batch_format="pyarrow")
+        found = ray.data.from_items(
+            [{"index": i, "range": r.to_dict()} for i, r in enumerate(ranges)], override_num_blocks=len(ranges)
+        ).map_batches(range_hashes, fn_kwargs={"data_cfg": data_cfg}, batch_size=1, batch_format="pyarrow")
         blobs = {row["index"]: row["hashes"] for row in found.iter_rows()}
         skips = _duplicates([blobs[i] for i in range(len(ranges))], known)
     size = {f.path: f.size for f in todo}

@@ -233,6 +233,8 @@ def test_batch_predict_with_ray_data(result, work, tmp_path):
         assert run.returncode == 0, run.stderr[-2000:]
         records = [json.loads(line) for line in out.read_text().splitlines()]
         assert [r["text"] for r in records] == lines
+        summary = json.loads(run.stdout[run.stdout.index("{"):])
+        assert (summary["lines"], summary["errors"]) == (151, 1 if task == "fill-mask" else 0)
         if task == "fill-mask":
             assert all(len(r["masks"][0]) == 2 for r in records[:150]) and "no [MASK]" in records[150]["error"]
         else:
