@@ -43,8 +43,10 @@ def test_bench_data_three_contenders_same_work(tmp_path, monkeypatch):
     # processes (its own cluster: GCS and raylet are its descendants), and nothing
     # outlives any run.
     for run in (raw, prep, hf):
-        assert run["wall_s"] > 0 and run["tokens_per_s"] > 0 and run["peak_mib"] > 0 and run["cpu_s"] > 0
+        # CPU time is sampled with the memory: a sub-second raw run can end before a sample
+        assert run["wall_s"] > 0 and run["tokens_per_s"] > 0 and run["peak_mib"] > 0 and run["cpu_s"] >= 0
         assert run["leftover_processes"] == []
+    assert prep["cpu_s"] > 0 and hf["cpu_s"] > 0
     assert {"gcs_server", "raylet"} <= set(prep["process_names"])
     assert prep["peak_mib"] > raw["peak_mib"]
     assert {"prepare_over_raw_tokens_per_s", "prepare_over_raw_peak_mib",
