@@ -263,6 +263,18 @@ def _expand(item: str) -> list[str]:
     raise InputError(f"no such file or directory: {item}")
 
 
+def _local_name(path: str) -> str:
+    """Absolute, except inside a Ray job's uploaded working directory: there a file of
+    that directory keeps its relative name, so every node opens its own copy (each node
+    unpacks the working directory at a different place) and manifests stay comparable
+    between jobs."""
+    path = os.path.abspath(path)
+    cwd = os.getcwd()
+    if f"{os.sep}working_dir_files{os.sep}" in cwd + os.sep and path.startswith(cwd + os.sep):
+        return os.path.relpath(path, cwd)
+    return path
+
+
 def resolve_inputs(inputs: list[str], work_dir: Path) -> tuple[list[InputFile], dict[str, list[str]]]:
     """Expand paths, directories, globs, URIs, builtins and hub names into readable
     input files. Returns the files and the skipped ones by reason. Raises InputError
@@ -280,7 +292,7 @@ def resolve_inputs(inputs: list[str], work_dir: Path) -> tuple[list[InputFile], 
         else:
             paths = _expand(item)
         for p in paths:
-            p = p if is_uri(p) else os.path.abspath(p)
+            p = p if is_uri(p) else _local_name(p)
             if p in seen:
                 continue
             seen.add(p)

@@ -70,6 +70,9 @@ def ray_two_nodes(tmp_path_factory):
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # =0 forbids a second node
     logs = tmp_path_factory.mktemp("ray-two-nodes")
     short_tmp = tempfile.mkdtemp(prefix="r2n", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    # Each node its own temp dir, as on two machines: nodes sharing one would share the
+    # runtime-env package folders, and one node's cleanup would delete the other's.
+    worker_tmp = tempfile.mkdtemp(prefix="r2w", dir="/tmp")
     # Loopback addresses other than 127.0.0.1: Ray rewrites "127.0.0.1" to the machine's
     # routable IP unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which forbids a second node.
     common = ["--num-cpus", "1", "--block"]
@@ -86,7 +89,8 @@ def ray_two_nodes(tmp_path_factory):
             if out.returncode == 0:
                 break
             time.sleep(1)
-        procs.append(subprocess.Popen(["ray", "start", "--address", address, "--node-ip-address", "127.0.0.3", *common], env=env,
+        procs.append(subprocess.Popen(["ray", "start", "--address", address, "--node-ip-address", "127.0.0.3",
+                                      "--temp-dir", worker_tmp, *common], env=env,
                                       stdout=open(logs / "worker.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True))
         while time.time() < deadline:
             out = subprocess.run(["python", "-c", nodes.format(address)], env=env, capture_output=True, text=True, timeout=60)
@@ -104,3 +108,4 @@ def ray_two_nodes(tmp_path_factory):
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 os.killpg(p.pid, signal.SIGKILL)
         shutil.rmtree(short_tmp, ignore_errors=True)
+        shutil.rmtree(worker_tmp, ignore_errors=True)

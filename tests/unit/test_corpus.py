@@ -1,4 +1,5 @@
 import gzip
+import os
 
 import pytest
 
@@ -156,3 +157,18 @@ def test_hf_save_to_disk_folder_is_an_input(tmp_path):
     from mlm.corpus import plan_ranges
 
     assert [t for t, _ in _docs_of(plan_ranges(files, 1 << 20), DataConfig())] == [f"doc {i}" for i in range(50)]
+
+
+def test_inputs_in_a_ray_job_working_dir_keep_relative_names(tmp_path, monkeypatch):
+    """Each node unpacks a job's working directory at its own place: a file of it must be
+    named relative to the working directory, elsewhere absolutely."""
+    job_dir = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    (job_dir / "data").mkdir(parents=True)
+    (job_dir / "data" / "a.txt").write_text("one document\n")
+    (tmp_path / "b.txt").write_text("another document\n")
+    monkeypatch.chdir(job_dir)
+    files, _ = resolve_inputs(["data", str(tmp_path / "b.txt")], tmp_path)
+    assert [f.path for f in files] == [os.path.join("data", "a.txt"), str(tmp_path / "b.txt")]
+    monkeypatch.chdir(tmp_path)
+    files, _ = resolve_inputs(["b.txt"], tmp_path)
+    assert [f.path for f in files] == [str(tmp_path / "b.txt")]
