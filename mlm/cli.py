@@ -23,6 +23,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mlm.corpus import InputError
     from mlm.evaluate import EvalError
     from mlm.export import ExportError
+    from mlm.jobs import JobsError
     from mlm.model import ModelError
     from mlm.predict import PredictError
     from mlm.registry import RegistryError
@@ -30,7 +31,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mlm.tokenizer import TokenizerError
 
     return (ConfigError, InputError, DatasetError, TokenizerError, ModelError, PredictError, RegistryError, EvalError,
-            ExportError)
+            ExportError, JobsError)
 
 
 def _echo_json(obj) -> None:
@@ -370,6 +371,106 @@ def pipeline_run(inputs, preset, overrides) -> None:
     cfg = load_config(preset, overrides)
     result = pretrain(list(inputs) or [DEFAULT_CORPUS], cfg)
     click.echo(summary_text(result))
+
+
+@cli.command()
+@click.option("--input", "inputs", multiple=True, required=True,
+              help="The corpus (path/dir/glob/URI, repeatable), new files included: only new files are prepared.")
+@click.option("--from-scratch", is_flag=True, help="Do not warm-start from the champion (e.g. a monthly full retrain).")
+@PRESET
+@SET
+def retrain(inputs, from_scratch, preset, overrides) -> None:
+    """Retrain on new corpus files: prepare only those, warm-start from the champion,
+    evaluate, register through the gate. Safe to trigger repeatedly (lock; nothing new:
+    nothing done)."""
+    from mlm.retrain import retrain as run, summary_text
+
+    result = run(list(inputs), load_config(preset, overrides), from_scratch=from_scratch)
+    click.echo(summary_text(result))
+
+
+ADDRESS = click.option("--address", default=None, metavar="URL",
+                       help="Ray job API (dashboard) URL; default: $RAY_ADDRESS if it is a URL, else http://127.0.0.1:8265.")
+
+
+def _env_pairs(pairs) -> dict[str, str]:
+    out = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {p!r}", param_hint="--env")
+        out[key] = value
+    return out
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@ADDRESS
+@click.option("--follow", is_flag=True, help="Stream the job's log until it ends; exit 1 unless it succeeded.")
+@click.option("--submission-id", default=None, help="Job id; Ray refuses a second job with the same id.")
+@click.option("--working-dir", default=".", show_default=True,
+              help="Uploaded with the job (mlm-work, .git, *.db excluded); relative inputs are read from it. '' for none.")
+@click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Environment variable for the job (repeatable).")
+@click.argument("command", type=click.Choice(["pipeline", "prepare", "train", "evaluate", "retrain"]))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def submit(address, follow, submission_id, working_dir, env, command, args) -> None:
+    """Run `mlm COMMAND ARGS...` on a Ray cluster as a Ray job (pipeline means `pipeline run`)."""
+    from mlm import jobs
+
+    job = jobs.submit(command, list(args), address=address, working_dir=working_dir or None, env=_env_pairs(env),
+                      submission_id=submission_id)
+    click.echo(f"submitted {job['submission_id']}: {job['entrypoint']}", err=True)
+    if not follow:
+        click.echo(job["submission_id"])
+        return
+    _follow(job["submission_id"], address)
+
+
+def _follow(job_id: str, address: str | None) -> None:
+    from mlm import jobs
+
+    for chunk in jobs.follow(job_id, address):
+        click.echo(chunk, nl=False)
+    final = jobs.wait(job_id, address, timeout_s=60)
+    click.echo(f"job {job_id}: {final}", err=True)
+    if final != "SUCCEEDED":
+        sys.exit(1)
+
+
+@cli.group()
+def jobs() -> None:
+    """Ray jobs on a cluster: list, logs, stop."""
+
+
+@jobs.command("list")
+@ADDRESS
+def jobs_list(address) -> None:
+    from mlm import jobs as j
+
+    for row in j.list_jobs(address):
+        click.echo(f"{row['submission_id']}  {row['status']:<9}  {row['start'] or '-':<19}  {row['entrypoint']}")
+
+
+@jobs.command("logs")
+@click.argument("job_id")
+@ADDRESS
+@click.option("--follow", is_flag=True, help="Keep streaming until the job ends.")
+def jobs_logs(job_id, address, follow) -> None:
+    from mlm import jobs as j
+
+    if follow:
+        _follow(job_id, address)
+    else:
+        click.echo(j.logs(job_id, address), nl=False)
+
+
+@jobs.command("stop")
+@click.argument("job_id")
+@ADDRESS
+def jobs_stop(job_id, address) -> None:
+    from mlm import jobs as j
+
+    stopped = j.stop(job_id, address)
+    click.echo(f"job {job_id}: {'stop requested' if stopped else 'already ended'}")
 
 
 def main() -> None:

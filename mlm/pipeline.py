@@ -21,7 +21,10 @@ def data_key(inputs: list[str], cfg: Config) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def pretrain(inputs: list[str], cfg: Config, work: Path | None = None) -> dict[str, Any]:
+def pretrain(inputs: list[str], cfg: Config, work: Path | None = None, *, data_dir: Path | None = None,
+             stage: str = "pipeline") -> dict[str, Any]:
+    """Run every stage; `data_dir` (default: one per inputs and data settings) is
+    prepared, or extended when it holds a subset of the inputs."""
     import mlflow
 
     from mlm import registry
@@ -32,10 +35,10 @@ def pretrain(inputs: list[str], cfg: Config, work: Path | None = None) -> dict[s
 
     work = Path(work) if work else work_dir()
     corpus.resolve_inputs(list(inputs), work)  # bad input fails here, before any run is recorded
-    data_dir = work / "data" / data_key(inputs, cfg)
+    data_dir = Path(data_dir) if data_dir else work / "data" / data_key(inputs, cfg)
     run_dir = work / "runs" / time.strftime("%Y%m%d-%H%M%S")
     started = time.time()
-    with registry.stage_run("pipeline", cfg) as parent:
+    with registry.stage_run(stage, cfg) as parent:
         pid = parent.info.run_id
         with registry.stage_run("prepare", cfg, pid):
             manifest = prepare(inputs, data_dir, cfg, overwrite=True)

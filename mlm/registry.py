@@ -110,6 +110,7 @@ def register(
 
     from mlm.evaluate import better, evaluate
     from mlm.model import load_model_dir
+    from mlm.tokenizer import fingerprint
 
     metric, margin = cfg.registry.metric, cfg.registry.min_improvement
     if metric not in metrics:
@@ -119,6 +120,7 @@ def register(
     client = MlflowClient()
     tags = {
         "data_fingerprint": str(metrics.get("data_fingerprint", "")),
+        "tokenizer_fingerprint": fingerprint(tokenizer),
         "config_hash": cfg.config_hash(),
         "code_version": code_version(),
         **{f"eval.{k}": str(v) for k, v in metrics.items() if isinstance(v, (int, float))},

@@ -5,7 +5,6 @@ a submission without the token is refused."""
 from __future__ import annotations
 
 import itertools
-import os
 import subprocess
 import sys
 

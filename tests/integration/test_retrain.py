@@ -1,0 +1,111 @@
+"""Scheduled retraining, triggered repeatedly: two triggers at once give one run, no new
+data does nothing, a failed run moves no alias, new data is prepared incrementally and
+a worse model leaves the champion alone."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mlm.config import load_config
+
+pytestmark = pytest.mark.integration
+
+NAME = "retrained"
+BASE = ["train.max_steps=40", "train.warmup_steps=4", "train.checkpoint_every=100", f"registry.model_name={NAME}"]
+
+
+def _summary(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])["summary"]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(work, tmp_path_factory):
+    from mlm.corpus import materialize_builtin
+
+    root = tmp_path_factory.mktemp("retrain")
+    full = materialize_builtin("python-docs", work / "corpus")
+    with open(full, encoding="utf-8") as src:
+        lines = list(itertools.islice(src, 2400))
+    (root / "corpus").mkdir()
+    (root / "corpus" / "a.jsonl").write_text("".join(lines[:1800]), encoding="utf-8")
+    (root / "later.jsonl").write_text("".join(lines[1800:]), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def first(work, corpus_dir):
+    """Two triggers started at the same moment, as two processes."""
+    env = {**os.environ, "MLM_HOME": str(work), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "MLM_PROGRESS": "0"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "mlm", "retrain", "--input", str(corpus_dir / "corpus"), "--preset", "tiny",
+           *itertools.chain.from_iterable(("--set", s) for s in BASE)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    return [p.communicate(timeout=900) + (p.returncode,) for p in procs]
+
+
+def _champion():
+    from mlm.registry import CHAMPION, _alias_version, _client
+
+    return _alias_version(_client(), NAME, CHAMPION)
+
+
+def _versions() -> list[str]:
+    from mlm.registry import _client
+
+    return sorted(str(v.version) for v in _client().search_model_versions(f"name='{NAME}'"))
+
+
+def test_two_triggers_at_once_give_one_run(first):
+    outs = sorted(first, key=lambda o: _summary(o[0])["status"])
+    (busy_out, busy_err, busy_rc), (done_out, done_err, done_rc) = outs
+    assert busy_rc == 0 and done_rc == 0, (busy_err[-2000:], done_err[-2000:])
+    busy, done = _summary(busy_out), _summary(done_out)
+    assert busy["status"] == "busy" and "another retrain of retrained is running" in busy["reason"]
+    assert done["status"] == "registered" and done["registered"]["alias"] == "champion"
+    assert done["init"] == "scratch" and len(done["new_files"]) == 1
+    assert _versions() == ["1"]
+
+
+def test_no_new_data_does_nothing(first, corpus_dir, ray_cluster):
+    from mlm.retrain import retrain
+
+    result = retrain([str(corpus_dir / "corpus")], load_config("tiny", BASE))
+    assert result["status"] == "nothing_new"
+    assert _versions() == ["1"]
+
+
+def test_failed_run_moves_no_alias_and_releases_the_lock(first, corpus_dir, ray_cluster, tmp_path):
+    from mlm.model import ModelError
+    from mlm.retrain import retrain
+
+    (corpus_dir / "corpus" / "b.jsonl").write_text((corpus_dir / "later.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    broken = load_config("tiny", [*BASE, f"model.init_from={tmp_path / 'no-such-model'}"])
+    with pytest.raises((ModelError, OSError)):
+        retrain([str(corpus_dir / "corpus")], broken, from_scratch=True)
+    assert _versions() == ["1"] and str(_champion().version) == "1"
+
+
+def test_new_data_worse_model_leaves_the_champion(first, corpus_dir, ray_cluster):
+    from mlm import shards
+    from mlm.retrain import dataset_dir, retrain
+    from mlm.runtime import work_dir
+
+    # A learning rate that wrecks the warm-started weights: the challenger scores worse.
+    cfg = load_config("tiny", [*BASE, "train.max_steps=4", "train.warmup_steps=0", "train.learning_rate=0.5"])
+    result = retrain([str(corpus_dir / "corpus")], cfg)
+    assert result["status"] == "registered", result
+    assert result["new_files"] == [str(corpus_dir / "corpus" / "b.jsonl")]
+    assert result["init"] == f"models:/{NAME}/1"  # warm start from the champion
+    reg = result["registered"]
+    assert reg["alias"] == "challenger" and reg["score"] < reg["champion_score"], reg
+    assert str(_champion().version) == "1"
+    manifest = shards.read_manifest(dataset_dir(work_dir(), cfg))
+    assert len(manifest["increments"]) == 2  # the new file was appended, the first not prepared again
+    # and once more: nothing new since the completed run
+    assert retrain([str(corpus_dir / "corpus")], cfg)["status"] == "nothing_new"
