@@ -16,19 +16,33 @@ reject it, so a silently no-op validator cannot make this file pass.
 
 Also asserted: project-specific invariants (GPU worker scales from zero and
 advertises a GPU, the head starts MLflow, nothing binds the dashboard or
-MLflow to 0.0.0.0, the repo is synced and installed, ...).
+MLflow to 0.0.0.0, the repo is synced and installed, ...), and the
+credentials: Ray token authentication on every node, MLflow basic auth with
+secrets generated on the head (never written in the repository), the admin
+password kept away from the Ray processes.
+
+The start commands that handle secrets are also *executed*, in a temporary
+directory standing in for /home/ubuntu, with stubs for `mlflow`, `ray`, `curl`
+and `ip` that record their arguments and environment: files and modes,
+regeneration on a second start, and which process sees which secret.
 
 No cluster is started and no network is used.
 """
 
 from __future__ import annotations
 
+import configparser
 import copy
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
+import stat
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -45,7 +59,12 @@ CLUSTER_YAML = REPO_ROOT / "cluster.yaml"
 RAY_SCHEMA = Path(ray.autoscaler.__file__).resolve().parent / "ray-schema.json"
 
 GPU_WORKER = "gpu_worker"
+HOME = "/home/ubuntu"
 REPO_MOUNT = "/home/ubuntu/mlm"
+TOKEN_PATH = "/home/ubuntu/.ray/auth_token"
+SECRETS_DIR = "/home/ubuntu/mlm-work/secrets"
+CLIENT_ENV = SECRETS_DIR + "/mlflow-client.env"
+SERVER_ENV = SECRETS_DIR + "/mlflow-server.env"
 MLFLOW_DB_URI = "sqlite:////home/ubuntu/mlm-work/mlflow.db"
 PUBLIC_BIND_ADDRESSES = {"0.0.0.0", "::", "[::]", "*"}
 LOOPBACK_ADDRESSES = {"127.0.0.1", "localhost", "::1"}
@@ -306,3 +325,310 @@ def test_every_command_is_valid_bash(config):
     for cmd in _commands(config):
         res = subprocess.run(["bash", "-n", "-c", cmd], capture_output=True, text=True)
         assert res.returncode == 0, f"{res.stderr}\n--- in command ---\n{cmd}"
+
+
+# --------------------------------------------------------------------------
+# credentials: Ray token auth, MLflow basic auth
+# --------------------------------------------------------------------------
+def _ray_start_commands(cfg: Dict[str, Any]) -> Dict[str, str]:
+    (head,) = _ray_start_head_commands(cfg)
+    (worker,) = [c for c in _commands(cfg, "worker_start_ray_commands") if re.search(r"\bray start\b", c)]
+    return {"head": head, "worker": worker}
+
+
+@pytest.mark.parametrize("node", ["head", "worker"])
+def test_ray_token_auth_on_every_node(config, node):
+    cmd = _ray_start_commands(config)[node]
+    start = cmd.index("ray start")
+    mode = re.search(r"export RAY_AUTH_MODE=token\b", cmd)
+    assert mode and mode.start() < start, "RAY_AUTH_MODE=token must be exported before `ray start`"
+    # A missing/empty token file stops the node before Ray starts.
+    check = cmd.find(f"[ ! -s {TOKEN_PATH} ]") if node == "head" else cmd.find(TOKEN_PATH)
+    assert 0 <= check < start
+    assert "RAY_AUTH_MODE=disabled" not in " ".join(_commands(config))
+
+
+def test_ray_token_reaches_every_node_from_outside_the_repo(config):
+    mounts = config["file_mounts"]
+    assert TOKEN_PATH in mounts, "the token must be file-mounted to Ray's default token path"
+    local = Path(os.path.expanduser(mounts[TOKEN_PATH]))
+    assert local == Path.home() / ".ray" / "auth_token", "use the path `ray get-auth-token --generate` writes"
+    assert REPO_ROOT not in local.parents, "the token file must live outside the repository"
+    # File mounts survive Ray's config preparation (head and, through the head, workers).
+    assert TOKEN_PATH in prepare_config(copy.deepcopy(config))["file_mounts"]
+    # And the node makes it owner-only.
+    assert any(f"chmod 600 {TOKEN_PATH}" in c for c in _commands(config, "setup_commands"))
+
+
+def test_interactive_shells_use_token_auth(config):
+    setup = " ".join(_commands(config, "setup_commands"))
+    assert re.search(r"echo 'export RAY_AUTH_MODE=token[^']*' >> ~/.bashrc", setup)
+
+
+def test_mlflow_server_requires_login(config):
+    (cmd,) = _mlflow_server_commands(config)
+    args = cmd.split("mlflow server", 1)[1]
+    assert re.search(r"--app-name[= ]basic-auth\b", args)
+    # basic-auth imports Flask-WTF: the head installs the `auth` extra.
+    assert any('"mlflow[auth]' in c for c in _commands(config, "head_setup_commands"))
+
+
+def _auth_ini_path(cmd: str) -> Path:
+    m = re.search(r"MLFLOW_AUTH_CONFIG_PATH=(\S+?);", cmd)
+    assert m, "point MLFLOW_AUTH_CONFIG_PATH at the repository's auth config"
+    remote = m.group(1)
+    assert remote.startswith(REPO_MOUNT + "/"), remote
+    return REPO_ROOT / remote[len(REPO_MOUNT) + 1:]
+
+
+def test_mlflow_auth_config_has_no_password(config):
+    (cmd,) = _mlflow_server_commands(config)
+    ini_path = _auth_ini_path(cmd)
+    assert ini_path.is_file(), ini_path
+    ini = configparser.ConfigParser()
+    ini.read(ini_path)
+    section = ini["mlflow"]
+    assert "admin_password" not in section, "the admin password is generated on the head, not committed"
+    assert section["database_uri"] == "sqlite:////home/ubuntu/mlm-work/mlflow-auth.db"
+    assert section["default_permission"] in {"READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS"}
+    assert section["authorization_function"] == "mlflow.server.auth:authenticate_request_basic_auth"
+
+
+def test_mlflow_secrets_are_generated_once_on_the_head(config):
+    (cmd,) = _mlflow_server_commands(config)
+    assert "secrets.token_urlsafe(32)" in cmd or re.search(r"openssl rand -(hex|base64) (3[2-9]|[4-9]\d)", cmd)
+    assert "umask 077" in cmd
+    for var in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_TRACKING_PASSWORD"):
+        assert f"{var}=%s" in cmd, f"{var} must be filled from a generated secret"
+    # ... only when absent, so restarts keep the passwords the stores already know.
+    assert '[ ! -s "$SECRETS/mlflow-server.env" ]' in cmd
+    assert '[ ! -s "$SECRETS/mlflow-client.env" ]' in cmd
+    assert cmd.index("umask 077") < cmd.index("mlflow-server.env")
+
+
+def test_admin_password_stays_with_the_mlflow_server(config):
+    # Only the server's own command reads the server env file...
+    readers = [c for c in _commands(config) if "mlflow-server.env" in c]
+    assert readers == _mlflow_server_commands(config)
+    # ... the workers receive only the service account ...
+    assert config.get("cluster_synced_files") == [CLIENT_ENV]
+    # ... and the Ray start commands never load it.
+    for cmd in _ray_start_commands(config).values():
+        assert "mlflow-server.env" not in cmd and "MLFLOW_AUTH_ADMIN" not in cmd
+
+
+def test_service_account_is_provisioned_after_health_check(config):
+    (cmd,) = _mlflow_server_commands(config)
+    m = re.search(rf"python3 {re.escape(REPO_MOUNT)}/(deploy/aws/mlflow_service_user\.py)\b", cmd)
+    assert m, "the head must create the service account through MLflow's auth API"
+    assert (REPO_ROOT / m.group(1)).is_file()
+    assert cmd.index("/health") < m.start()
+
+
+def test_no_literal_secrets_in_cluster_yaml():
+    text = CLUSTER_YAML.read_text()
+    assert "password1234" not in text  # MLflow's old default admin password
+    assert not re.search(r"\b[0-9a-f]{32,}\b", text), "looks like a committed token"
+    for var in ("RAY_AUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD",
+                "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        for m in re.finditer(rf"\b{var}=(\S*)", text):
+            assert m.group(1).startswith(("%s", "$", "//")), f"literal value for {var}: {m.group(0)}"
+
+
+# --------------------------------------------------------------------------
+# the secret-handling start commands, executed against stubs
+# --------------------------------------------------------------------------
+STUB_IP = """#!/bin/sh
+echo "8.8.8.8 via 10.0.1.1 dev eth0 src 10.0.1.23 uid 1000"
+"""
+STUB_CURL = "#!/bin/sh\nexit 0\n"
+# The server stub records its argv and environment, then stays up like a server.
+STUB_MLFLOW = """#!/bin/sh
+printf '%s\\n' "$@" > "$STUB_LOG/mlflow.args"
+env > "$STUB_LOG/mlflow.env"
+exec sleep 300
+"""
+STUB_RAY = """#!/bin/sh
+printf '%s\\n' "$@" > "$STUB_LOG/ray.args"
+env > "$STUB_LOG/ray.env"
+"""
+STUB_SERVICE_USER = """import os, sys
+open(os.path.join(os.environ["STUB_LOG"], "service_user.args"), "w").write("\\n".join(sys.argv[1:]))
+open(os.path.join(os.environ["STUB_LOG"], "service_user.admin"), "w").write(
+    os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD", ""))
+"""
+
+
+class Sandbox:
+    """A stand-in for /home/ubuntu plus stub executables; runs a start command."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.home = root / "home"
+        self.bin = root / "bin"
+        self.log = root / "log"
+        for d in (self.home / "mlm" / "deploy" / "aws", self.home / "mlm-work", self.home / ".ray", self.bin, self.log):
+            d.mkdir(parents=True, exist_ok=True)
+        for name, body in (("ip", STUB_IP), ("curl", STUB_CURL), ("mlflow", STUB_MLFLOW), ("ray", STUB_RAY)):
+            (self.bin / name).write_text(body)
+            (self.bin / name).chmod(0o755)
+        (self.bin / "python3").symlink_to(sys.executable)
+        (self.home / "mlm" / "deploy" / "aws" / "mlflow_service_user.py").write_text(STUB_SERVICE_USER)
+
+    def path(self, remote: str) -> Path:
+        assert remote.startswith(HOME)
+        return self.home / remote[len(HOME) + 1:]
+
+    def run(self, cmd: str, **env: str) -> subprocess.CompletedProcess:
+        cmd = cmd.replace(HOME, str(self.home))
+        cmd = cmd.replace("s3://CHANGE-ME-mlm-bucket/mlflow-artifacts", "s3://test-bucket/mlflow-artifacts")
+        full_env = {"PATH": f"{self.bin}:/usr/bin:/bin", "HOME": str(self.home), "STUB_LOG": str(self.log), **env}
+        return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=full_env, timeout=60)
+
+    def recorded_env(self, name: str) -> Dict[str, str]:
+        lines = (self.log / f"{name}.env").read_text().splitlines()
+        return dict(line.split("=", 1) for line in lines if "=" in line)
+
+    def stop_server(self) -> None:
+        pid_file = self.path("/home/ubuntu/mlm-work/mlflow.pid")
+        if pid_file.exists():
+            try:
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+def _wait_for(path: Path, timeout_s: float = 10.0) -> None:
+    deadline = time.time() + timeout_s
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert path.exists(), path
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _read_env_file(path: Path) -> Dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+@pytest.fixture
+def sandbox(tmp_path):
+    box = Sandbox(tmp_path)
+    yield box
+    box.stop_server()
+
+
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="bash not available")
+
+
+@needs_bash
+def test_head_mlflow_start_generates_and_keeps_secrets(config, sandbox):
+    (cmd,) = _mlflow_server_commands(config)
+    res = sandbox.run(cmd)
+    assert res.returncode == 0, res.stderr
+    _wait_for(sandbox.log / "mlflow.env")
+
+    secrets_dir = sandbox.path(SECRETS_DIR)
+    server_env, client_env = sandbox.path(SERVER_ENV), sandbox.path(CLIENT_ENV)
+    assert _mode(secrets_dir) == 0o700
+    assert _mode(server_env) == 0o600 and _mode(client_env) == 0o600
+    server, client = _read_env_file(server_env), _read_env_file(client_env)
+    assert server["MLFLOW_AUTH_ADMIN_USERNAME"] == "admin"
+    assert client["MLFLOW_TRACKING_USERNAME"] == "mlm"
+    generated = [server["MLFLOW_AUTH_ADMIN_PASSWORD"], server["MLFLOW_FLASK_SERVER_SECRET_KEY"],
+                 client["MLFLOW_TRACKING_PASSWORD"]]
+    assert len(set(generated)) == 3 and all(len(v) >= 40 for v in generated)
+    assert "password1234" not in generated
+
+    # The server got the admin password and secret key in its environment, not on its command line.
+    seen = sandbox.recorded_env("mlflow")
+    assert seen["MLFLOW_AUTH_ADMIN_PASSWORD"] == server["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    assert seen["MLFLOW_FLASK_SERVER_SECRET_KEY"] == server["MLFLOW_FLASK_SERVER_SECRET_KEY"]
+    assert seen["MLFLOW_AUTH_CONFIG_PATH"].endswith("/mlm/deploy/aws/mlflow-auth.ini")
+    argv = (sandbox.log / "mlflow.args").read_text().split("\n")
+    assert argv[:3] == ["server", "--app-name", "basic-auth"]
+    assert argv[argv.index("--host") + 1] == "10.0.1.23"
+    assert not any(secret in " ".join(argv) for secret in generated)
+
+    # The provisioning step ran as admin against the server, with the client file.
+    assert (sandbox.log / "service_user.args").read_text().split("\n") == [
+        "http://10.0.1.23:5000", str(client_env)]
+    assert (sandbox.log / "service_user.admin").read_text() == server["MLFLOW_AUTH_ADMIN_PASSWORD"]
+
+    # mlflow.env (sourced by the Ray start commands and shells) loads the service account only.
+    mlflow_env = sandbox.path("/home/ubuntu/mlm-work/mlflow.env").read_text()
+    assert "MLFLOW_TRACKING_URI=http://10.0.1.23:5000" in mlflow_env
+    assert str(client_env) in mlflow_env and "mlflow-server.env" not in mlflow_env
+
+    # A restart replaces the server process and keeps every secret.
+    first_pid = sandbox.path("/home/ubuntu/mlm-work/mlflow.pid").read_text()
+    (sandbox.log / "mlflow.env").unlink()
+    res = sandbox.run(cmd)
+    assert res.returncode == 0, res.stderr
+    _wait_for(sandbox.log / "mlflow.env")
+    assert sandbox.path("/home/ubuntu/mlm-work/mlflow.pid").read_text() != first_pid
+    assert _read_env_file(server_env) == server and _read_env_file(client_env) == client
+
+
+@needs_bash
+def test_head_mlflow_start_refuses_placeholder_bucket(config, sandbox):
+    (cmd,) = _mlflow_server_commands(config)
+    res = sandbox.run(cmd.replace("s3://CHANGE-ME-mlm-bucket/mlflow-artifacts", "s3://CHANGE-ME"))
+    assert res.returncode != 0 and "MLFLOW_ARTIFACTS_DESTINATION" in res.stderr
+    assert not sandbox.path(SECRETS_DIR).exists()
+
+
+def _write_node_files(sandbox: Sandbox, *, token: bool = True, client: bool = True) -> None:
+    if token:
+        sandbox.path(TOKEN_PATH).write_text("ab" * 32)
+    if client:
+        sandbox.path(SECRETS_DIR).mkdir(parents=True, exist_ok=True)
+        sandbox.path(CLIENT_ENV).write_text("MLFLOW_TRACKING_USERNAME=mlm\nMLFLOW_TRACKING_PASSWORD=pw-from-head\n")
+
+
+@needs_bash
+def test_worker_ray_start_gets_token_auth_and_service_account(config, sandbox):
+    _write_node_files(sandbox)
+    res = sandbox.run(_ray_start_commands(config)["worker"], RAY_HEAD_IP="10.0.1.23")
+    assert res.returncode == 0, res.stderr
+    env = sandbox.recorded_env("ray")
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert env["MLFLOW_TRACKING_URI"] == "http://10.0.1.23:5000"
+    assert env["MLFLOW_TRACKING_USERNAME"] == "mlm" and env["MLFLOW_TRACKING_PASSWORD"] == "pw-from-head"
+    assert env["MLM_HOME"].endswith("/mlm-work")
+    assert not any(k.startswith("MLFLOW_AUTH_") for k in env)
+    assert (sandbox.log / "ray.args").read_text().split("\n")[:2] == ["start", "--address=10.0.1.23:6379"]
+    assert _mode(sandbox.path(CLIENT_ENV)) == 0o600
+
+
+@needs_bash
+@pytest.mark.parametrize("missing", ["token", "client"])
+def test_worker_without_token_or_credentials_does_not_start_ray(config, sandbox, missing):
+    _write_node_files(sandbox, token=missing != "token", client=missing != "client")
+    res = sandbox.run(_ray_start_commands(config)["worker"], RAY_HEAD_IP="10.0.1.23")
+    assert res.returncode != 0 and "missing" in res.stderr
+    assert not (sandbox.log / "ray.args").exists()
+
+
+@needs_bash
+def test_head_ray_start_gets_token_auth_and_refuses_without_token(config, sandbox):
+    cmd = _ray_start_commands(config)["head"]
+    _write_node_files(sandbox, token=False)
+    sandbox.path("/home/ubuntu/mlm-work/mlflow.env").write_text(
+        "export MLFLOW_TRACKING_URI=http://10.0.1.23:5000\n"
+        f"set -a; . {sandbox.path(CLIENT_ENV)}; set +a\n")
+    res = sandbox.run(cmd)
+    assert res.returncode != 0 and "ray get-auth-token --generate" in res.stderr
+    assert not (sandbox.log / "ray.args").exists()
+
+    _write_node_files(sandbox)
+    res = sandbox.run(cmd)
+    assert res.returncode == 0, res.stderr
+    env = sandbox.recorded_env("ray")
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert env["MLFLOW_TRACKING_USERNAME"] == "mlm"
+    assert not any(k.startswith("MLFLOW_AUTH_") for k in env)
+    args = (sandbox.log / "ray.args").read_text().split("\n")
+    assert "--head" in args and "--dashboard-host=127.0.0.1" in args
