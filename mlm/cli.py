@@ -91,7 +91,7 @@ def evaluate(model, data_dir, log, preset, overrides) -> None:
     from mlm.evaluate import evaluate as run, save_results
 
     cfg = load_config(preset, overrides)
-    metrics = run(model, data_dir, cfg.eval.batch_size)
+    metrics = run(model, data_dir, cfg.eval.batch_size, engine=cfg.eval.engine, ray_min_rows=cfg.eval.ray_min_rows)
     if Path(model).is_dir():
         save_results(model, metrics)
     if log:
@@ -114,7 +114,7 @@ def register(model, name, data_dir, preset, overrides) -> None:
 
     cfg = load_config(preset, overrides)
     if data_dir:
-        metrics = run_eval(model, data_dir, cfg.eval.batch_size)
+        metrics = run_eval(model, data_dir, cfg.eval.batch_size, engine=cfg.eval.engine, ray_min_rows=cfg.eval.ray_min_rows)
         save_results(model, metrics)
     else:
         metrics = load_results(model)

@@ -160,6 +160,10 @@ class EvalConfig(_Section):
     rate: float = Field(0.15, gt=0.0, lt=1.0, description="Masking rate of the fixed evaluation set.")
     seed: int = Field(1234, description="Seed of the fixed evaluation masking (independent of training).")
     batch_size: int = Field(64, ge=1, description="Sequences per evaluation batch.")
+    engine: Literal["auto", "local", "ray"] = Field(
+        "auto", description="Score in the driver (local) or as Ray Data batch inference (ray); auto: ray from ray_min_rows."
+    )
+    ray_min_rows: int = Field(50_000, ge=1, description="auto engine: evaluation rows from which scoring runs on Ray.")
 
 
 class RegistryConfig(_Section):

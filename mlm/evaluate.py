@@ -21,13 +21,26 @@ class EvalError(ValueError):
     pass
 
 
-def _batches(files: list[str], batch_size: int):
+def plan_batches(files: list[str], batch_size: int) -> list[tuple[str, int, int]]:
+    """The evaluation set as (file, first row, rows) batches, in order. Both engines score
+    exactly these batches, so both give the same sums (and the same re-masking)."""
     import pyarrow.parquet as pq
 
+    plan = []
     for f in files:
-        pf = pq.ParquetFile(f)
-        for batch in pf.iter_batches(batch_size=batch_size):
-            yield batch
+        n = pq.ParquetFile(f).metadata.num_rows
+        plan += [(f, start, min(batch_size, n - start)) for start in range(0, n, batch_size)]
+    return plan
+
+
+def _read_batches(plan: list[tuple[str, int, int]]):
+    import pyarrow.parquet as pq
+
+    table, current = None, None
+    for f, start, n in plan:
+        if f != current:
+            table, current = pq.read_table(f), f
+        yield table.slice(start, n)
 
 
 def score(net, batches, baseline_id: int = -1, device="cpu", max_batches: int | None = None,
@@ -68,7 +81,7 @@ def score(net, batches, baseline_id: int = -1, device="cpu", max_batches: int | 
 OTHER_STRATEGIES = ("whole_word", "span")
 
 
-def _remasked(batches, tokenizer, manifest: dict[str, Any], strategy: str):
+def _remasked(batches, tokenizer, manifest: dict[str, Any], strategy: str, first_index: int = 0):
     from mlm.config import MaskingConfig
     from mlm.masking import Masker, batch_rng
     from mlm.prepare import masker_spec
@@ -76,7 +89,7 @@ def _remasked(batches, tokenizer, manifest: dict[str, Any], strategy: str):
     # span lengths as the masking config's defaults; rate and seed of the evaluation set
     settings = MaskingConfig().model_dump() | manifest["masking"]["validation"] | {"strategy": strategy}
     masker = Masker(masker_spec(tokenizer, settings, []))
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(batches, start=first_index):
         ids, labels = shards.column_2d(batch, "input_ids"), shards.column_2d(batch, "labels")
         original = np.where(labels >= 0, labels, ids).astype(np.int32)
         n = np.asarray(batch.column("num_tokens"))
@@ -84,26 +97,94 @@ def _remasked(batches, tokenizer, manifest: dict[str, Any], strategy: str):
         yield shards.to_table(*masker(original, n, rng), n)
 
 
-def evaluate(model: Any, data_dir: str | Path, batch_size: int = 64, max_batches: int | None = None) -> dict[str, Any]:
+def _score_all(net, tokenizer, manifest: dict[str, Any], plan: list[tuple[str, int, int]], first_index: int = 0,
+               max_batches: int | None = None) -> dict[str, dict[str, float]]:
+    """Sums for the evaluation masking ("random") and each re-masked strategy."""
+    baseline = manifest["most_frequent_token"]["id"]
+    plan = plan[:max_batches] if max_batches is not None else plan
+    out = {"random": score(net, _read_batches(plan), baseline)}
+    for strategy in OTHER_STRATEGIES:
+        out[strategy] = score(net, _remasked(_read_batches(plan), tokenizer, manifest, strategy, first_index))
+    return out
+
+
+class _RayScorer:
+    """Ray Data stage: one evaluation batch (a plan entry) -> its sums. The model is
+    loaded once per actor; an MLflow URI is resolved on the actor's node."""
+
+    def __init__(self, model: str, manifest: dict[str, Any]):
+        import torch
+
+        from mlm.model import load_model_dir
+
+        torch.set_num_threads(1)
+        self.net, self.tokenizer = load_model_dir(model)
+        self.manifest = manifest
+
+    def __call__(self, item: dict) -> dict:
+        sums = _score_all(self.net, self.tokenizer, self.manifest,
+                          [(str(item["file"][0]), int(item["start"][0]), int(item["rows"][0]))], int(item["index"][0]))
+        return {"sums": [json.dumps(sums)]}
+
+
+def _score_on_ray(model: str, manifest: dict[str, Any], plan: list[tuple[str, int, int]]) -> dict[str, dict[str, float]]:
+    import ray
+
+    from mlm.runtime import ensure_ray, quiet_ray_data
+
+    ensure_ray()
+    quiet_ray_data()
+    items = [{"index": i, "file": f, "start": start, "rows": n} for i, (f, start, n) in enumerate(plan)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _RayScorer, fn_constructor_kwargs={"model": model, "manifest": manifest}, batch_size=1, batch_format="numpy",
+        concurrency=max(1, min(len(items), int(ray.cluster_resources().get("CPU", 1)))),
+    )
+    total: dict[str, dict[str, float]] = {}
+    for row in ds.iter_rows():
+        for strategy, sums in json.loads(row["sums"]).items():
+            acc = total.setdefault(strategy, dict.fromkeys(sums, 0))
+            for k, v in sums.items():
+                acc[k] += v
+    return total
+
+
+def evaluate(model: Any, data_dir: str | Path, batch_size: int = 64, max_batches: int | None = None,
+             engine: str = "local", ray_min_rows: int = 50_000) -> dict[str, Any]:
     """Top-1/top-5 masked accuracy, loss and perplexity of `model` (a model directory,
     an MLflow model URI, or a loaded (model, tokenizer) pair) on `data_dir`'s
-    validation split."""
+    validation split. engine: "local" scores in this process, "ray" as Ray Data batch
+    inference (one model per actor, summed here), "auto" on Ray from `ray_min_rows`
+    evaluation rows. Both engines score the same batches and give the same metrics."""
     from mlm.model import load_model_dir
     from mlm.tokenizer import fingerprint
 
+    if engine not in ("local", "ray", "auto"):
+        raise EvalError(f"unknown evaluation engine {engine!r}; expected local, ray or auto")
     manifest = shards.read_manifest(data_dir)
     files = shards.shard_paths(data_dir, "validation", verify=True)
-    net, tokenizer = load_model_dir(model) if isinstance(model, (str, Path)) else model
+    plan = plan_batches(files, batch_size)
+    if max_batches is not None:
+        plan = plan[:max_batches]
+    rows = sum(n for _, _, n in plan)
+    on_ray = isinstance(model, (str, Path)) and (engine == "ray" or (engine == "auto" and rows >= ray_min_rows))
+    if on_ray:
+        from mlm.model import resolve_model_dir
+
+        model = str(model) if str(model).startswith(("models:/", "runs:/")) else resolve_model_dir(str(model))
+        net, tokenizer = None, _tokenizer_of(model)
+    else:
+        net, tokenizer = load_model_dir(model) if isinstance(model, (str, Path)) else model
     if fingerprint(tokenizer) != manifest["tokenizer"]["fingerprint"] or len(tokenizer) != manifest["tokenizer"]["vocab_size"]:
         raise EvalError("the model's tokenizer is not the dataset's tokenizer; evaluate on data prepared with it")
-    counts = score(net, _batches(files, batch_size), manifest["most_frequent_token"]["id"], max_batches=max_batches)
+    sums = _score_on_ray(model, manifest, plan) if on_ray else _score_all(net, tokenizer, manifest, plan)
+    counts = sums["random"]
     loss_sum, top1, top5, baseline, n = (counts[k] for k in ("loss_sum", "top1", "top5", "baseline", "n"))
     if n == 0:
         raise EvalError(f"no masked tokens in the validation split of {data_dir}")
     loss = loss_sum / n
     per_strategy = {}
     for strategy in OTHER_STRATEGIES:
-        c = score(net, _remasked(_batches(files, batch_size), tokenizer, manifest, strategy), max_batches=max_batches)
+        c = sums[strategy]
         if c["n"]:
             per_strategy |= {f"{strategy}_loss": c["loss_sum"] / c["n"], f"{strategy}_top1_accuracy": c["top1"] / c["n"],
                              f"{strategy}_top5_accuracy": c["top5"] / c["n"]}
@@ -117,7 +198,16 @@ def evaluate(model: Any, data_dir: str | Path, batch_size: int = 64, max_batches
         "baseline_token": manifest["most_frequent_token"]["token"],
         "data_fingerprint": manifest["fingerprint"],
         "eval_set": manifest["masking"]["validation"],
+        "engine": "ray" if on_ray else "local",
     }
+
+
+def _tokenizer_of(model: str):
+    """The tokenizer alone (for the fingerprint check before Ray starts)."""
+    from mlm.model import resolve_model_dir
+    from mlm.tokenizer import load_tokenizer
+
+    return load_tokenizer(resolve_model_dir(model))
 
 
 def better(metric: str, challenger: float, champion: float, margin: float) -> bool:

@@ -52,7 +52,8 @@ def pretrain(inputs: list[str], cfg: Config, work: Path | None = None, *, data_d
             summary = train(data_dir, run_dir, cfg, mlflow_run_id=run.info.run_id)
             mlflow.log_metrics({"train_seconds": summary["seconds"], "approx_tokens_per_s": summary["approx_tokens_per_s"]})
         with registry.stage_run("evaluate", cfg, pid):
-            metrics = evaluate(summary["model_dir"], data_dir, cfg.eval.batch_size)
+            metrics = evaluate(summary["model_dir"], data_dir, cfg.eval.batch_size, engine=cfg.eval.engine,
+                               ray_min_rows=cfg.eval.ray_min_rows)
             save_results(summary["model_dir"], metrics)
             mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         with registry.stage_run("register", cfg, pid) as run:

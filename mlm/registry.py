@@ -160,7 +160,8 @@ def register(
                     raise RegistryError(
                         f"champion v{champion.version} was scored on other data; pass the data to re-score it"
                     )
-                rescored = evaluate(f"models:/{name}/{champion.version}", data_dir, cfg.eval.batch_size)
+                rescored = evaluate(f"models:/{name}/{champion.version}", data_dir, cfg.eval.batch_size,
+                                    engine=cfg.eval.engine, ray_min_rows=cfg.eval.ray_min_rows)
                 champion_score = float(rescored[metric])
             if better(metric, challenger_score, champion_score, margin):
                 decision = CHAMPION

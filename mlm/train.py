@@ -103,11 +103,11 @@ def _save_checkpoint(dir_: Path, model, optimizer, step: int, epoch: int, micro_
 
 def validate(model, loop_config: dict[str, Any], device, autocast) -> dict[str, float]:
     """Masked loss, accuracy and perplexity on the first validation batches (rank 0)."""
-    from mlm.evaluate import _batches, score
+    from mlm.evaluate import _read_batches, plan_batches, score
 
     cfg = config_from_dict(loop_config["config"])
-    c = score(model, _batches(loop_config["validation_files"], cfg.eval.batch_size), device=device,
-              max_batches=cfg.train.validate_batches, autocast=autocast)
+    plan = plan_batches(loop_config["validation_files"], cfg.eval.batch_size)[: cfg.train.validate_batches]
+    c = score(model, _read_batches(plan), device=device, autocast=autocast)
     loss = c["loss_sum"] / max(1, c["n"])
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_top1_accuracy": c["top1"] / max(1, c["n"])}
 

@@ -239,3 +239,23 @@ def test_batch_predict_with_ray_data(result, work, tmp_path):
             assert all(len(r["masks"][0]) == 2 for r in records[:150]) and "no [MASK]" in records[150]["error"]
         else:
             assert {len(r["embedding"]) for r in records} == {128}
+
+
+def test_evaluation_as_ray_data_batch_inference_equals_local(result, work):
+    """The evaluation set scored as Ray Data batch inference (one model per actor, sums
+    gathered in the driver) gives the local engine's metrics; the model is given as its
+    registry URI, resolved by each actor."""
+    from mlm.evaluate import evaluate
+
+    uri = f"models:/{result['registered']['name']}/{result['registered']['version']}"
+    local = evaluate(result["model_dir"], result["data_dir"], batch_size=32, engine="local")
+    on_ray = evaluate(uri, result["data_dir"], batch_size=32, engine="ray")
+    auto = evaluate(result["model_dir"], result["data_dir"], batch_size=32, engine="auto", ray_min_rows=1)
+    assert local["engine"] == "local" and on_ray["engine"] == "ray" == auto["engine"]
+    for metrics in (on_ray, auto):
+        assert metrics["masked_tokens"] == local["masked_tokens"] > 1000
+        for key in ("top1_accuracy", "top5_accuracy", "whole_word_top1_accuracy", "span_top1_accuracy"):
+            assert metrics[key] == local[key], key  # counts: exactly equal
+        for key in ("loss", "whole_word_loss", "span_loss"):
+            assert abs(metrics[key] - local[key]) < 1e-6, key  # float sums in another order
+    assert local["top1_accuracy"] > local["baseline_top1_accuracy"]
