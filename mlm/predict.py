@@ -96,11 +96,14 @@ def predict_file(model: str, input_path: str, out_path: str, task: str = "fill-m
         raise PredictError(f"unknown task {task!r}; expected fill-mask or embed")
     if not os.path.isfile(input_path):
         raise PredictError(f"no such file: {input_path}")
-    model_dir = resolve_model_dir(model)  # an MLflow URI is downloaded once, here
+    model_dir = resolve_model_dir(model)  # fails here, before Ray starts, on an unknown model
+    # Actors get the URI itself and resolve it on their own node (a cluster has no shared
+    # disk by default); a directory must be on storage every node sees.
+    actor_model = model if model.startswith(("models:/", "runs:/")) else model_dir
     ensure_ray()
     quiet_ray_data()
     ds = ray.data.read_text(os.path.abspath(input_path)).map_batches(
-        _BatchPredictor, fn_constructor_kwargs={"model_dir": model_dir, "task": task, "top_k": top_k},
+        _BatchPredictor, fn_constructor_kwargs={"model_dir": actor_model, "task": task, "top_k": top_k},
         # Leave a CPU for the read tasks, or the actors hold every CPU and the read never runs.
         batch_size=batch_size, concurrency=max(1, int(ray.cluster_resources().get("CPU", 1)) - 1), batch_format="numpy",
     )

@@ -225,10 +225,11 @@ def test_batch_predict_with_ray_data(result, work, tmp_path):
     src.write_text("\n".join(lines) + "\n")
     env = {**_env(work), "MLM_PROGRESS": "0"}
     env.pop("RAY_ADDRESS", None)
-    for task in ("fill-mask", "embed"):
+    uri = f"models:/{result['registered']['name']}/{result['registered']['version']}"  # resolved by each actor
+    for task, model in (("fill-mask", uri), ("embed", result["model_dir"])):
         out = tmp_path / f"{task}.jsonl"
         run = subprocess.run(["mlm", "predict", "--input", str(src), "--out", str(out), "--task", task,
-                              "--model", result["model_dir"], "--top-k", "2"], capture_output=True, text=True, env=env,
+                              "--model", model, "--top-k", "2"], capture_output=True, text=True, env=env,
                              timeout=600)
         assert run.returncode == 0, run.stderr[-2000:]
         records = [json.loads(line) for line in out.read_text().splitlines()]
