@@ -409,15 +409,18 @@ def _env_pairs(pairs) -> dict[str, str]:
 @click.option("--submission-id", default=None, help="Job id; Ray refuses a second job with the same id.")
 @click.option("--working-dir", default=".", show_default=True,
               help="Uploaded with the job (mlm-work, .git, *.db excluded); relative inputs are read from it. '' for none.")
-@click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Environment variable for the job (repeatable).")
+@click.option("--tracking-uri", default=None, metavar="URI",
+              help="MLflow tracking URI for the job; default: the cluster nodes' own MLFLOW_TRACKING_URI.")
+@click.option("--env", "env", multiple=True, metavar="KEY=VALUE",
+              help="Environment variable for the job (repeatable); nothing else is taken from this shell.")
 @click.argument("command", type=click.Choice(["pipeline", "prepare", "train", "evaluate", "retrain"]))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def submit(address, follow, submission_id, working_dir, env, command, args) -> None:
+def submit(address, follow, submission_id, working_dir, tracking_uri, env, command, args) -> None:
     """Run `mlm COMMAND ARGS...` on a Ray cluster as a Ray job (pipeline means `pipeline run`)."""
     from mlm import jobs
 
     job = jobs.submit(command, list(args), address=address, working_dir=working_dir or None, env=_env_pairs(env),
-                      submission_id=submission_id)
+                      submission_id=submission_id, tracking_uri=tracking_uri)
     click.echo(f"submitted {job['submission_id']}: {job['entrypoint']}", err=True)
     if not follow:
         click.echo(job["submission_id"])

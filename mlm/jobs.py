@@ -2,9 +2,11 @@
 
 A job runs `python -m mlm COMMAND ARGS...` on the cluster with a runtime environment
 that carries the working directory (inputs given as relative paths travel with it),
-this `mlm` package (so the cluster runs the submitter's code), and the MLflow tracking
-URI and MLM_HOME when they are set here. Secrets are not copied into the job: the
-cluster's nodes hold their own MLflow credentials (see cluster.yaml).
+this `mlm` package (so the cluster runs the submitter's code), the MLflow tracking URI
+when one is given, and `--env` variables. Nothing is taken from this shell's
+environment implicitly (a laptop's MLFLOW_TRACKING_URI, often a tunnel, means nothing
+on the cluster): without a tracking URI the job uses the nodes' own (cluster.yaml sets
+it, with the nodes' MLflow credentials; secrets never travel in a job's environment).
 
 The Ray job API executes whatever it is sent, so remote clusters run with token
 authentication; the token is read from RAY_AUTH_TOKEN, the file in RAY_AUTH_TOKEN_PATH,
@@ -78,7 +80,7 @@ def _auth_hint(e: Exception) -> str:
     return ""
 
 
-def runtime_env(working_dir: str | None, env: dict[str, str]) -> dict[str, Any]:
+def runtime_env(working_dir: str | None, env: dict[str, str], tracking_uri: str | None = None) -> dict[str, Any]:
     import mlm
 
     package = Path(mlm.__file__).resolve().parent
@@ -93,9 +95,8 @@ def runtime_env(working_dir: str | None, env: dict[str, str]) -> dict[str, Any]:
             renv["py_modules"] = [str(package)]
     else:
         renv["py_modules"] = [str(package)]
-    for name in ("MLFLOW_TRACKING_URI", "MLM_HOME"):
-        if os.environ.get(name):
-            renv["env_vars"][name] = os.environ[name]
+    if tracking_uri:
+        renv["env_vars"]["MLFLOW_TRACKING_URI"] = tracking_uri
     renv["env_vars"] |= env
     renv["env_vars"].setdefault("MLM_PROGRESS", "0")  # a job log is not a terminal
     return renv
@@ -110,11 +111,12 @@ def entrypoint(command: str, args: list[str]) -> str:
 
 
 def submit(command: str, args: list[str], *, address: str | None = None, working_dir: str | None = ".",
-           env: dict[str, str] | None = None, submission_id: str | None = None) -> dict[str, Any]:
+           env: dict[str, str] | None = None, submission_id: str | None = None,
+           tracking_uri: str | None = None) -> dict[str, Any]:
     c = client(address)
     ep = entrypoint(command, list(args))
     try:
-        job_id = c.submit_job(entrypoint=ep, submission_id=submission_id, runtime_env=runtime_env(working_dir, env or {}),
+        job_id = c.submit_job(entrypoint=ep, submission_id=submission_id, runtime_env=runtime_env(working_dir, env or {}, tracking_uri),
                               metadata={"mlm.command": command, "mlm.user": os.environ.get("USER", "")})
     except JobsError:
         raise

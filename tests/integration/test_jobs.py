@@ -36,7 +36,7 @@ def submitted(ray_two_nodes, tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_MODE", None)  # the client side needs only the token
     r = _mlm(["submit", "--address", ray_two_nodes.dashboard, "--submission-id", JOB_ID, "--working-dir", str(job_dir),
-              "--env", "MLM_DEBUG=1", "--follow", "pipeline", "--input", "corpus.jsonl", "--preset", "tiny", "--set", "train.max_steps=20",
+              "--tracking-uri", env["MLFLOW_TRACKING_URI"], "--env", f"MLM_HOME={env['MLM_HOME']}", "--env", "MLM_DEBUG=1", "--follow", "pipeline", "--input", "corpus.jsonl", "--preset", "tiny", "--set", "train.max_steps=20",
               "--set", "train.warmup_steps=2", "--set", "registry.model_name=submitted"], env)
     return r, env, ray_two_nodes
 
