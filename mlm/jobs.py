@@ -32,6 +32,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 EXCLUDES = [".git", "mlm-work", "mlruns", "mlartifacts", "*.db", "__pycache__", ".venv", "venv", "*.egg-info",
             ".pytest_cache", "node_modules"]
 FINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_S = 120.0
 
 
 class JobsError(RuntimeError):
@@ -115,13 +116,19 @@ def submit(command: str, args: list[str], *, address: str | None = None, working
            tracking_uri: str | None = None) -> dict[str, Any]:
     c = client(address)
     ep = entrypoint(command, list(args))
-    try:
-        job_id = c.submit_job(entrypoint=ep, submission_id=submission_id, runtime_env=runtime_env(working_dir, env or {}, tracking_uri),
-                              metadata={"mlm.command": command, "mlm.user": os.environ.get("USER", "")})
-    except JobsError:
-        raise
-    except Exception as e:
-        raise JobsError(f"the cluster refused the job: {_short(e)}{_auth_hint(e)}") from None
+    renv = runtime_env(working_dir, env or {}, tracking_uri)
+    deadline = time.time() + AGENT_WAIT_S
+    while True:
+        try:
+            job_id = c.submit_job(entrypoint=ep, submission_id=submission_id, runtime_env=renv,
+                                  metadata={"mlm.command": command, "mlm.user": os.environ.get("USER", "")})
+            break
+        except Exception as e:
+            # A node that has just started answers 500 until its job agent is up.
+            if "No available agent" in str(e) and time.time() < deadline:
+                time.sleep(2.0)
+                continue
+            raise JobsError(f"the cluster refused the job: {_short(e)}{_auth_hint(e)}") from None
     return {"submission_id": job_id, "entrypoint": ep, "address": address_of(address)}
 
 
@@ -173,7 +180,8 @@ def list_jobs(address: str | None = None) -> list[dict[str, Any]]:
     rows = []
     for j in sorted(jobs, key=lambda j: j.start_time or 0):
         rows.append({
-            "submission_id": j.submission_id,
+            # drivers connected with ray.init (not submitted) have only a job id
+            "submission_id": j.submission_id or f"{j.job_id} (driver)",
             "status": str(j.status.value),
             "entrypoint": j.entrypoint,
             "start": _iso(j.start_time),
