@@ -43,7 +43,9 @@ What is measured, per contender:
   by raylet and workers) are counted once in the sum, not once per process; file pages
   a process has mapped (Arrow files memory-mapped by ``datasets``) count too. Not
   counted: /dev/shm or page-cache pages no process maps, memory freed and re-used
-  between two samples (spikes shorter than 0.25 s can be missed), and this process;
+  between two samples (every 0.25 s, or 20x a sample's own CPU time when that is
+  longer, about 1 s for Ray's ~20 processes, so the sampler takes at most ~5% of one
+  core; shorter spikes can be missed), and this process;
 * the tree's CPU seconds (summed from the samples) and tokens per CPU-second, which a
   busy machine disturbs less than wall time, and the share of the machine's CPU that
   *other* processes used during the run: timings taken on a busy machine are flagged.
@@ -272,6 +274,7 @@ class TreeMemory:
         self.seen: dict[int, Any] = {}
         self.cpu: dict[int, float] = {}  # last seen user+system seconds per process
         self.peak_by_name: dict[str, int] = {}  # the peak sample, summed by process name
+        self.sampler_cpu_s = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -284,9 +287,16 @@ class TreeMemory:
         self._thread.join()
 
     def _run(self) -> None:
+        # Reading smaps of ~20 Ray processes costs ~50 ms of CPU: wait at least 20x the
+        # sample's own CPU, so the sampler takes <= 5% of one core from what it measures
+        # (a fixed 0.25 s took ~10% of a 2-core machine from prepare, ~0 from a
+        # single-process contender).
         while not self._stop.is_set():
+            t0 = time.thread_time()
             self.sample()
-            self._stop.wait(self.interval)
+            cost = time.thread_time() - t0
+            self.sampler_cpu_s += cost
+            self._stop.wait(max(self.interval, 20 * cost))
 
     def sample(self) -> int:
         import psutil
@@ -394,7 +404,7 @@ def run_measured(cmd: list[str], env: dict[str, str], log_dir: Path, name: str,
     tree_cpu = sum(mem.cpu.values())
     capacity = wall * (os.cpu_count() or 1)
     return {"wall_s": wall, "peak_mib": mem.peak / 2**20, "memory_measure": mem.measure, "samples": mem.samples,
-            "max_processes": mem.max_processes, "process_names": sorted(set(mem.names.values())),
+            "max_processes": mem.max_processes, "sampler_cpu_s": round(mem.sampler_cpu_s, 2), "process_names": sorted(set(mem.names.values())),
             "peak_by_process_mib": {k: round(v / 2**20, 1) for k, v in
                                     sorted(mem.peak_by_name.items(), key=lambda kv: -kv[1])},
             "leftover_processes": leftovers, "cpu_s": round(tree_cpu, 1),

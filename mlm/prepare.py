@@ -363,7 +363,7 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
         log.info("reusing the tokenizer in %s", tok_dir)
     else:
         if cfg.tokenizer.path:
-            tokenizer = tok_mod.load_tokenizer(cfg.tokenizer.path)
+            tokenizer = tok_mod.load_view(cfg.tokenizer.path)
         else:
             texts = _sample_texts(corpus.read_documents(ranges, cfg.data), cfg.tokenizer.sample_docs)
             if not texts:
@@ -371,7 +371,7 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
             tokenizer = tok_mod.train_tokenizer(texts, cfg.tokenizer)
         tok_mod.save_tokenizer(tokenizer, tok_dir)
         (tok_dir / TOKENIZER_MARK).write_text(fingerprint_inputs)
-    tokenizer = tok_mod.load_tokenizer(tok_dir)  # fingerprint what readers will load
+    tokenizer = tok_mod.load_view(tok_dir)  # fingerprint what readers will load
 
     data_cfg = cfg.data.model_dump()
     known = np.zeros(0, np.uint64)

@@ -128,3 +128,25 @@ def test_wordpiece_symbols_missed_are_added_by_a_second_training(texts, monkeypa
     found = tokenizer._wordpiece_symbols
     monkeypatch.setattr(tokenizer, "_wordpiece_symbols", lambda *a: [s for s in found(*a) if s not in ("##e", "##t", "q")])
     assert fingerprint(train_tokenizer(texts, cfg)) == expected
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe", "unigram"])
+def test_light_view_answers_like_the_transformers_tokenizer(texts, tmp_path, kind):
+    """prepare's driver reads the tokenizer without transformers; every answer it uses
+    must equal the transformers tokenizer's, and saving the view copies the same files."""
+    from mlm.tokenizer import TokenizerView, load_view, word_start_table
+
+    save_tokenizer(train_tokenizer(texts, TokenizerConfig(kind=kind, vocab_size=700)), tmp_path / kind)
+    full, view = load_tokenizer(tmp_path / kind), load_view(tmp_path / kind)
+    assert isinstance(view, TokenizerView)
+    assert len(view) == len(full)
+    for name in ("pad_token_id", "unk_token_id", "cls_token_id", "sep_token_id", "mask_token_id"):
+        assert getattr(view, name) == getattr(full, name) is not None, name
+    assert view.all_special_ids == sorted(set(full.all_special_ids))
+    assert fingerprint(view) == fingerprint(full)
+    assert (word_start_table(view) == word_start_table(full)).all()
+    ids = list(range(len(full)))
+    assert view.convert_ids_to_tokens(ids) == full.convert_ids_to_tokens(ids)
+    assert view.convert_ids_to_tokens(7) == full.convert_ids_to_tokens(7)
+    save_tokenizer(view, tmp_path / "copy")
+    assert fingerprint(load_tokenizer(tmp_path / "copy")) == fingerprint(full)
