@@ -284,6 +284,9 @@ class TokenizerView:
         ids = [self._id(n) for n in self.SPECIAL] + [self.backend_tokenizer.token_to_id(t) for t in self._extra]
         return sorted({i for i in ids if i is not None})
 
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids}
+
     def convert_ids_to_tokens(self, ids):
         if isinstance(ids, int):
             return self.backend_tokenizer.id_to_token(ids)

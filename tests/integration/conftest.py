@@ -76,9 +76,16 @@ def ray_two_nodes(tmp_path_factory):
     # Loopback addresses other than 127.0.0.1: Ray rewrites "127.0.0.1" to the machine's
     # routable IP unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which forbids a second node.
     common = ["--num-cpus", "1", "--block"]
+
+    def agent_ports() -> list[str]:
+        # Ray's fixed default (52365) clashes with any other Ray instance on the machine
+        # (one the test session started, say): the job agent then never starts and every
+        # job submission is refused with "No available agent".
+        return ["--dashboard-agent-listen-port", str(_free_port())]
+
     procs = [subprocess.Popen(
         ["ray", "start", "--head", "--node-ip-address", "127.0.0.2", "--port", str(port), "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dash), "--temp-dir", short_tmp, *common],
+         "--dashboard-port", str(dash), "--temp-dir", short_tmp, *agent_ports(), *common],
         env=env, stdout=open(logs / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)]
     address = f"127.0.0.2:{port}"
     try:
@@ -90,7 +97,7 @@ def ray_two_nodes(tmp_path_factory):
                 break
             time.sleep(1)
         procs.append(subprocess.Popen(["ray", "start", "--address", address, "--node-ip-address", "127.0.0.3",
-                                      "--temp-dir", worker_tmp, *common], env=env,
+                                      "--temp-dir", worker_tmp, *agent_ports(), *common], env=env,
                                       stdout=open(logs / "worker.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True))
         while time.time() < deadline:
             out = subprocess.run(["python", "-c", nodes.format(address)], env=env, capture_output=True, text=True, timeout=60)

@@ -148,5 +148,8 @@ def test_light_view_answers_like_the_transformers_tokenizer(texts, tmp_path, kin
     ids = list(range(len(full)))
     assert view.convert_ids_to_tokens(ids) == full.convert_ids_to_tokens(ids)
     assert view.convert_ids_to_tokens(7) == full.convert_ids_to_tokens(7)
+    for text in ("the function returns", "Zürich naïve café"):
+        for special in (False, True):
+            assert view(text, add_special_tokens=special)["input_ids"] == full(text, add_special_tokens=special)["input_ids"]
     save_tokenizer(view, tmp_path / "copy")
     assert fingerprint(load_tokenizer(tmp_path / "copy")) == fingerprint(full)
