@@ -42,8 +42,12 @@ BUILTIN_PREFIX = "builtin:"
 HUB_PREFIX = "hf:"
 DEFAULT_CORPUS = "builtin:python-docs"
 
-# C0/C1 control characters except tab and newline; NUL included.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Control characters that end a line (CR, VT, FF, the information separators, NEL):
+# newlines, so the words on either side stay apart. The other C0/C1 controls (NUL
+# included) are removed; tab and newline stay.
+_LINE_BREAK = re.compile(r"\r\n?|[\x0b\x0c\x1c-\x1f\x85]")
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f]")
+_ANY_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _TXT_SEPARATOR = re.compile(rb"\n[ \t\r\f\v]*\n")
 
 
@@ -393,9 +397,11 @@ def plan_ranges(files: list[InputFile], chunk_bytes: int) -> list[Range]:
 
 
 def clean_text(text: str) -> str:
-    """NFC-normalize, drop control characters (NUL included), trim."""
+    """NFC-normalize, line-ending controls to newlines, drop other control characters
+    (NUL included), trim."""
     text = unicodedata.normalize("NFC", text)
-    text = _CONTROL.sub("", text)
+    if _ANY_CONTROL.search(text):  # rare: one scan for the common case
+        text = _CONTROL.sub("", _LINE_BREAK.sub("\n", text))
     return text.strip()
 
 

@@ -42,16 +42,23 @@ class TokenizePackMask:
     only, never on how many workers run."""
 
     def __init__(self, tokenizer_file: str, special: dict[str, int], data_cfg: dict, maskers: dict[str, dict],
-                 dynamic_train: bool):
+                 dynamic_train: bool, parallel_encode: bool = True):
         from tokenizers import Tokenizer
+
+        if not parallel_encode:
+            # One actor per core already keeps every core busy: the Rust library's own
+            # thread pool would only add threads fighting for the same cores. It reads
+            # this variable at each call, in this process only.
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
         # The Rust tokenizer alone: importing transformers would add seconds to every
         # actor's start.
-        self.backend = Tokenizer.from_file(tokenizer_file)
-        self.backend.no_truncation()
-        self.backend.no_padding()
+        backend = Tokenizer.from_file(tokenizer_file)
+        backend.no_truncation()
+        backend.no_padding()
         # "[SEP]" typed in a document is text, not a boundary: keeps packing invertible.
-        self.backend.encode_special_tokens = True
+        backend.encode_special_tokens = True
+        self.encode = tok_mod.DocumentEncoder(backend)
         self.data = DataConfig(**data_cfg)
         self.seq_len, self.max_chunk_chars = self.data.seq_len, self.data.max_chunk_chars
         self.cls, self.sep, self.pad = special["cls"], special["sep"], special["pad"]
@@ -62,16 +69,15 @@ class TokenizePackMask:
     def _encode(self, texts: list[str]) -> list[np.ndarray]:
         """Token ids per document; a very long document is encoded in whitespace-cut
         chunks whose ids are concatenated, so memory stays bounded."""
-        enc = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
         out: list[list[np.ndarray]] = [[] for _ in texts]
         group: list[tuple[int, str]] = []
         group_chars = 0
 
         def flush() -> None:
-            # Encodings are heavy (strings, offsets per token): turn them into int32
-            # arrays group by group so a 50 MB document never holds them all at once.
-            for (i, _), e in zip(group, enc([piece for _, piece in group], add_special_tokens=False)):
-                out[i].append(np.asarray(e.ids, np.int32))
+            # Encoded group by group (int32 arrays out), so a 50 MB document never has
+            # all its words or Encodings in memory at once.
+            for (i, _), ids in zip(group, self.encode([piece for _, piece in group])):
+                out[i].append(ids)
             group.clear()
 
         for i, text in enumerate(texts):
@@ -396,17 +402,21 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
     settings = cfg.masking.model_dump()
     eval_settings = {"strategy": "random", "rate": cfg.eval.rate, "mask_fraction": 0.8, "random_fraction": 0.1, "seed": cfg.eval.seed}
     maskers = {"train": masker_spec(tokenizer, settings, terms), "validation": masker_spec(tokenizer, eval_settings, [])}
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    pool = max(1, min(len(ranges), cpus))
     sequences = jobs.map_batches(
         TokenizePackMask,
         fn_constructor_kwargs={
             "tokenizer_file": str(tok_dir / "tokenizer.json"), "data_cfg": data_cfg, "maskers": maskers,
             "special": {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id},
             "dynamic_train": cfg.masking.mode == "dynamic",
+            # a core per actor: each encodes on one thread; fewer ranges than cores: all threads
+            "parallel_encode": pool < cpus,
         },
         batch_size=1,
         batch_format="pyarrow",
         # A fixed pool, all started at once (an autoscaling pool starts with one actor).
-        concurrency=max(1, min(len(ranges), int(ray.cluster_resources().get("CPU", 1)))),
+        concurrency=pool,
     )
     first = {s: len(base["splits"][s]["shards"]) if base else 0 for s in shards.SPLITS}
     writers = {s: shards.ShardWriter(out_dir, s, cfg.data.rows_per_shard, first_index=first[s]) for s in shards.SPLITS}

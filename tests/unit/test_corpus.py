@@ -9,6 +9,8 @@ from mlm.corpus import InputError, _split_txt, clean_text, looks_binary, resolve
 def test_clean_text_removes_control_and_nul_and_normalizes():
     assert clean_text("  caf\u0065\u0301\x00 ok\x07\n") == "caf\u00e9 ok"
     assert clean_text("\x00\x01 \t") == ""
+    # line-ending controls keep the words apart (a lone CR, form feed, NEL); CRLF is one newline
+    assert clean_text("old\rmac\x0cpage\x85nel\x1fsep\r\nend") == "old\nmac\npage\nnel\nsep\nend"
 
 
 def test_txt_documents_are_blank_line_separated():

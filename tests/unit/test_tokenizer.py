@@ -153,3 +153,79 @@ def test_light_view_answers_like_the_transformers_tokenizer(texts, tmp_path, kin
             assert view(text, add_special_tokens=special)["input_ids"] == full(text, add_special_tokens=special)["input_ids"]
     save_tokenizer(view, tmp_path / "copy")
     assert fingerprint(load_tokenizer(tmp_path / "copy")) == fingerprint(full)
+
+
+def _backend(path):
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+    backend.encode_special_tokens = True  # as prepare reads it: "[SEP]" typed in text is text
+    return backend
+
+
+def _ascii_fuzz(n: int, seed: int = 0) -> list[str]:
+    """Every ASCII character (controls, punctuation, digits, both cases) among word-like
+    runs, typed special tokens, and words past WordPiece's 100-character limit."""
+    import random
+
+    rng = random.Random(seed)
+    every = [chr(i) for i in range(128)]
+    pieces = ["the", "Function", "RETURNS", "x_y", "[SEP]", "[MASK]", "##ing", "a" * 120, "don't", "3.14", "\r\n", "\t"]
+    out = []
+    for _ in range(n):
+        parts = [rng.choice(every) if rng.random() < 0.4 else rng.choice(pieces) for _ in range(rng.randint(0, 40))]
+        out.append("".join(parts))
+    return out
+
+
+@pytest.mark.parametrize("lowercase", [True, False])
+def test_document_encoder_gives_the_rust_tokenizers_ids(texts, tmp_path, lowercase):
+    """The chunk cache must be invisible: the same ids as encode_batch_fast for every
+    character between words, on random ASCII, on real documents, and after the cache was
+    emptied."""
+    from mlm.tokenizer import DocumentEncoder
+
+    save_tokenizer(train_tokenizer(texts, TokenizerConfig(vocab_size=700, lowercase=lowercase)), tmp_path / "tok")
+    backend = _backend(tmp_path / "tok")
+    # every character of the BMP (and some beyond) between words: whitespace the
+    # normalizer keeps, deletes or maps, accents that combine across a cut, CJK, ...
+    codepoints = [c for c in range(0x10000) if not 0xD800 <= c < 0xE000] + list(range(0x1F600, 0x1F650))
+    every_char = [f"ab{chr(c)}Cd {chr(c)}e\u0301{chr(c)} x" for c in codepoints]
+    docs = _ascii_fuzz(3000) + texts + ["Zürich naïve café [SEP] x", "", "   ", " \u0301x \x85y\x0bz\u00a0w"] + every_char
+    assert any(not d.isascii() for d in texts) and sum(d.isascii() for d in docs) > 3000
+    expected = [e.ids for e in backend.encode_batch_fast(docs, add_special_tokens=False)]
+    cached = []
+    for max_cached in (500_000, 50):  # 50: the cache is emptied again and again
+        encode = DocumentEncoder(backend, max_cached_words=max_cached)
+        assert encode.fast
+        got = [ids.tolist() for i in range(0, len(docs), 1024) for ids in encode(docs[i : i + 1024])]
+        assert got == expected
+        cached.append(len(encode.rows))
+    assert cached[0] > 2 * cached[1] > 0  # every distinct word once, then only the last batch's
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_document_encoder_leaves_other_tokenizers_to_rust(texts, tmp_path, kind):
+    from mlm.tokenizer import DocumentEncoder
+
+    save_tokenizer(train_tokenizer(texts, TokenizerConfig(kind=kind, vocab_size=700)), tmp_path / kind)
+    backend = _backend(tmp_path / kind)
+    encode = DocumentEncoder(backend)
+    assert not encode.fast
+    docs = texts[:50] + _ascii_fuzz(200) + [" \u0301x \x85y\x0bz\u00a0w"]
+    assert [ids.tolist() for ids in encode(docs)] == [e.ids for e in backend.encode_batch_fast(docs, add_special_tokens=False)]
+    assert not encode.rows
+
+
+def test_document_encoder_needs_special_tokens_read_as_text_and_no_other_added_tokens(texts, tmp_path):
+    from mlm.tokenizer import DocumentEncoder
+
+    save_tokenizer(train_tokenizer(texts, TokenizerConfig(vocab_size=700)), tmp_path / "tok")
+    backend = _backend(tmp_path / "tok")
+    backend.encode_special_tokens = False  # "[SEP]" in the text would be the special token
+    assert not DocumentEncoder(backend).fast
+    backend = _backend(tmp_path / "tok")
+    backend.add_tokens(["foo"])  # an added token is cut out of the text before the normalizer
+    encode = DocumentEncoder(backend)
+    assert not encode.fast
+    assert [ids.tolist() for ids in encode(["xfoox foo"])] == [backend.encode("xfoox foo", add_special_tokens=False).ids]
