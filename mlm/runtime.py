@@ -42,15 +42,26 @@ def ensure_ray(dashboard: bool = True) -> None:
     # On Linux Ray advertises the machine's routable IP even for a local instance;
     # this switch makes a local instance use 127.0.0.1 for every service.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(
-        address="local",
-        include_dashboard=dashboard,
-        dashboard_host="127.0.0.1",
-        logging_level=logging.WARNING,
-        log_to_driver=True,
-        # Workers inherit the driver's environment so they find the same stores.
-        runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri(), "MLM_HOME": str(work_dir())}},
-    )
+    # Workers inherit the environment of the raylet that ray.init starts, so they find the
+    # same stores. (A runtime_env with env_vars would do the same but keeps every
+    # prestarted worker from being used: ~1.5 s more before the first task runs.) This
+    # process keeps its own environment.
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLM_HOME")}
+    os.environ.update({"MLFLOW_TRACKING_URI": tracking_uri(), "MLM_HOME": str(work_dir())})
+    try:
+        ray.init(
+            address="local",
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+        )
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def quiet_ray_data() -> None:

@@ -358,15 +358,16 @@ def _splits_at_whitespace(backend) -> bool:
 
 class DocumentEncoder:
     """Token ids of documents (no special tokens added), exactly those of
-    `backend.encode_batch_fast(texts, add_special_tokens=False)`, at about a third of
-    its cost with a BERT-style tokenizer.
+    `backend.encode_batch_fast(texts, add_special_tokens=False)`, with a BERT-style
+    tokenizer at a fifth to a half of its cost (the more a corpus repeats its words,
+    the less).
 
     Natural text repeats its words, and the Rust pipeline spends most of its time on the
     normalizer's per-character alignment bookkeeping and the model's per-word work, every
     time. Here each text is cut at whitespace (str.split, in C), each distinct chunk goes
-    through the real tokenizer once and its ids are cached (at most `max_cached_words`
-    chunks; the cache is emptied when full), and a batch's ids are gathered from the
-    cache with numpy. Other tokenizers (byte-level BPE and Metaspace treat spaces as part
+    through the real tokenizer once (new chunks joined, `_encode_chunks`) and its ids are
+    cached (past `max_cached_words` chunks the cache keeps only the last batch's), and a
+    batch's ids are gathered from the cache with numpy. Other tokenizers (byte-level BPE and Metaspace treat spaces as part
     of the tokens) go to `encode_batch_fast` as they are. The equality is tested for
     every Unicode whitespace and control character and on real corpora
     (tests/unit/test_tokenizer.py)."""
@@ -377,8 +378,21 @@ class DocumentEncoder:
         self.backend = backend
         self.fast = _splits_at_whitespace(backend)
         self.max_cached_words = max_cached_words
+        # For encoding new chunks joined (`_encode_chunks`): a special token to put between
+        # them, read as that token by a copy of the tokenizer, and every special's text.
+        spec = json.loads(backend.to_str())
+        added = [t for t in spec.get("added_tokens") or [] if t.get("special") and t.get("content")]
+        self.specials = [t["content"].lower() for t in added]
+        # matched in the raw text, not after the normalizer (BERT's specials are)
+        raw = added and not any(t.get("normalized") for t in added)
+        self.joiner = (added[0]["id"], added[0]["content"]) if self.fast and raw else None
+        if self.joiner:
+            from tokenizers import Tokenizer
+
+            self.joined_backend = Tokenizer.from_str(backend.to_str())
+            self.joined_backend.encode_special_tokens = False
         # The cache: chunk -> row; row r's ids are table[first[r] : first[r] + length[r]].
-        self.rows: dict[str, int] = {}
+        self.rows = _Rows()
         self.first, self.length = np.zeros(0, np.int64), np.zeros(0, np.int64)
         self.table = np.zeros(0, np.int32)
 
@@ -389,10 +403,9 @@ class DocumentEncoder:
             return [np.asarray(e.ids, np.int32) for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
         chunks = [(_SPLIT_BUT_DELETED.sub("", t) if _SPLIT_BUT_DELETED.search(t) else t).split() for t in texts]
         every = list(chain.from_iterable(chunks))
-        new = set(every).difference(self.rows)
-        if new:
-            self._learn(new, every)
-        which = np.fromiter(map(self.rows.__getitem__, every), np.int64, len(every))
+        which = np.fromiter(map(self.rows.__getitem__, every), np.int64, len(every))  # new chunks get rows
+        if self.rows.new:
+            self._learn(self.rows.new)
         n = self.length[which]  # tokens of each chunk in the batch
         ends = np.cumsum(n)
         total = int(ends[-1]) if len(ends) else 0
@@ -400,21 +413,83 @@ class DocumentEncoder:
         flat = self.table[np.repeat(self.first[which] - (ends - n), n) + np.arange(total)]
         per_text = np.fromiter(map(len, chunks), np.int64, len(chunks))
         bounds = np.concatenate([[0], ends])[np.concatenate([[0], np.cumsum(per_text)])].tolist()
+        if len(self.rows) > self.max_cached_words:
+            self._shrink(np.unique(which))
         return [flat[a:b] for a, b in zip(bounds, bounds[1:])]
 
-    def _learn(self, new: set[str], every: list[str]) -> None:
-        """Add the chunks not cached yet (the real tokenizer makes their ids); when the
-        cache would outgrow its bound, start it again with this batch's chunks."""
+    def _learn(self, new: list[str]) -> None:
+        """Give the rows just handed out to `new` chunks their ids (the real tokenizer's)."""
         import numpy as np
 
-        if len(self.rows) + len(new) > self.max_cached_words:
-            self.rows, self.table = {}, self.table[:0]
-            self.first, self.length = self.first[:0], self.length[:0]
-            new = set(every)
-        new = list(new)
-        ids = [e.ids for e in self.backend.encode_batch_fast(new, add_special_tokens=False)]
-        length = np.fromiter(map(len, ids), np.int64, len(ids))
-        self.rows.update(zip(new, range(len(self.rows), len(self.rows) + len(new))))
+        flat, length = self._encode_chunks(new)
         self.first = np.concatenate([self.first, len(self.table) + np.cumsum(length) - length])
         self.length = np.concatenate([self.length, length])
-        self.table = np.concatenate([self.table, np.fromiter(chain.from_iterable(ids), np.int32, int(length.sum()))])
+        self.table = np.concatenate([self.table, flat])
+        self.rows.new = []
+
+    def _shrink(self, keep) -> None:
+        """Past its bound, the cache keeps only the chunks of the last batch (the frequent
+        ones are among them), renumbered, their ids moved, none encoded again."""
+        import numpy as np
+
+        chunks = list(self.rows)  # in row order
+        length = self.length[keep]
+        ends = np.cumsum(length)
+        self.table = self.table[np.repeat(self.first[keep] - (ends - length), length) + np.arange(int(ends[-1]) if len(ends) else 0)]
+        self.first, self.length = ends - length, length
+        self.rows = _Rows(zip((chunks[r] for r in keep.tolist()), range(len(keep))))
+
+    def _encode_chunks(self, chunks: list[str], group: int = 2048):
+        """The ids of `chunks`, concatenated in order, and how many each has.
+
+        A Rust Encoding per chunk costs ~10 us whatever its length, so chunks are encoded
+        joined, `group` at a time, with a special token between them that a second copy
+        of the tokenizer reads as the special token: the text between two of them is
+        normalized and split on its own, exactly like the chunk alone, and the special's
+        id appears nowhere else. A group holding any special token's text in a chunk is
+        encoded chunk by chunk."""
+        import numpy as np
+
+        groups = [chunks[i : i + group] for i in range(0, len(chunks), group)]
+        joined: dict[int, str] = {}  # group -> its joined text, where joining is safe
+        if self.joiner:
+            sep_id, sep = self.joiner
+            others = [t for t in self.specials if t != sep.lower()]
+            for k, g in enumerate(groups):
+                text = f" {sep} ".join(g)
+                low = text.lower()
+                if low.count(sep.lower()) == len(g) - 1 and not any(t in low for t in others):
+                    joined[k] = text
+        single = [c for k, g in enumerate(groups) if k not in joined for c in g]
+        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        encodings = self.joined_backend.encode_batch_fast(list(joined.values()), add_special_tokens=False) if joined else []
+        for (k, _), enc in zip(joined.items(), encodings):
+            ids = np.asarray(enc.ids, np.int32)
+            cuts = np.flatnonzero(ids == sep_id)
+            if len(cuts) != len(groups[k]) - 1:  # cannot happen; never guess
+                raise RuntimeError(f"joined encoding gave {len(cuts) + 1} pieces for {len(groups[k])} chunks")
+            out[k] = np.delete(ids, cuts), np.diff(np.concatenate([[-1], cuts, [len(ids)]])) - 1
+        encodings = iter(self.backend.encode_batch_fast(single, add_special_tokens=False) if single else [])
+        for k, g in enumerate(groups):
+            if k not in joined:
+                ids = [next(encodings).ids for _ in g]
+                length = np.fromiter(map(len, ids), np.int64, len(ids))
+                out[k] = np.fromiter(chain.from_iterable(ids), np.int32, int(length.sum())), length
+        if not groups:
+            return np.zeros(0, np.int32), np.zeros(0, np.int64)
+        return (np.concatenate([out[k][0] for k in range(len(groups))]).astype(np.int32),
+                np.concatenate([out[k][1] for k in range(len(groups))]).astype(np.int64))
+
+
+class _Rows(dict):
+    """chunk -> its row in DocumentEncoder's cache; a chunk not there yet gets the next
+    row on lookup and is noted in `new` (one dict lookup per chunk, no set arithmetic)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.new: list[str] = []
+
+    def __missing__(self, chunk: str) -> int:
+        row = self[chunk] = len(self)
+        self.new.append(chunk)
+        return row

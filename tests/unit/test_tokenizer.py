@@ -197,7 +197,7 @@ def test_document_encoder_gives_the_rust_tokenizers_ids(texts, tmp_path, lowerca
     cached = []
     for max_cached in (500_000, 50):  # 50: the cache is emptied again and again
         encode = DocumentEncoder(backend, max_cached_words=max_cached)
-        assert encode.fast
+        assert encode.fast and encode.joiner == (backend.token_to_id("[PAD]"), "[PAD]")  # new chunks encoded joined
         got = [ids.tolist() for i in range(0, len(docs), 1024) for ids in encode(docs[i : i + 1024])]
         assert got == expected
         cached.append(len(encode.rows))
