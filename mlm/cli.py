@@ -53,11 +53,10 @@ def cli() -> None:
 def prepare(inputs, out_dir, overwrite, preset, overrides) -> None:
     """Tokenize, pack and mask INPUT files/dirs/globs (or builtin:python-docs) into Parquet shards."""
     from mlm.prepare import prepare as run
-    from mlm.runtime import ensure_ray
 
     cfg = load_config(preset, overrides)
-    ensure_ray(dashboard=False)  # this process runs nothing that needs it
-    m = run(list(inputs), out_dir, cfg, overwrite=overwrite)
+    # a Ray instance started here runs nothing that needs the dashboard
+    m = run(list(inputs), out_dir, cfg, overwrite=overwrite, ray_dashboard=False)
     _echo_json({"out": str(Path(out_dir).resolve()), "fingerprint": m["fingerprint"], "documents": m["documents"],
                 "splits": {s: {k: v for k, v in d.items() if k != "shards"} for s, d in m["splits"].items()}})
 

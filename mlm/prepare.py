@@ -327,9 +327,12 @@ def _incremental_base(out_dir: Path, files, cfg: Config, fingerprint_inputs: str
     return None, None
 
 
-def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: bool = False) -> dict[str, Any]:
+def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: bool = False,
+            ray_dashboard: bool = True) -> dict[str, Any]:
     """Prepare a dataset; returns its manifest. Idempotent for identical inputs and
-    config; incremental when the inputs are a dataset's inputs plus new files."""
+    config; incremental when the inputs are a dataset's inputs plus new files.
+    `ray_dashboard`: whether a local Ray instance started here runs the dashboard (Ray
+    Train needs it; `mlm prepare` alone does not)."""
     from mlm.runtime import ensure_ray, quiet_ray_data, work_dir
 
     started = time.time()
@@ -360,7 +363,7 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
         reuse_tokenizer = not cfg.tokenizer.path and _reusable_tokenizer(out_dir, fingerprint_inputs)
         _clear_unfinished(out_dir, keep={"tokenizer"} if reuse_tokenizer else set())
 
-    ensure_ray()
+    ensure_ray(dashboard=ray_dashboard)
     quiet_ray_data()
     import ray
 
