@@ -1,5 +1,6 @@
 """The fused read-tokenize-pack-mask stage, run in this process (no Ray)."""
 
+import itertools
 import os
 
 import numpy as np
@@ -11,7 +12,7 @@ from mlm.tokenizer import load_view, save_tokenizer, train_tokenizer
 
 
 def _run_stage(tmp_path, parallel_encode: bool) -> list[pa.Table]:
-    docs = list(corpus._python_docs())[:300]
+    docs = list(itertools.islice(corpus._python_docs(), 300))  # the first ones come without parsing the stdlib
     src = tmp_path / "docs.txt"
     if not src.exists():
         src.write_text("\n\n".join(docs), encoding="utf-8")
