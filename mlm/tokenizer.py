@@ -367,10 +367,10 @@ class DocumentEncoder:
     time. Here each text is cut at whitespace (str.split, in C), each distinct chunk goes
     through the real tokenizer once (new chunks joined, `_encode_chunks`) and its ids are
     cached (past `max_cached_words` chunks the cache keeps only the last batch's), and a
-    batch's ids are gathered from the cache with numpy. Other tokenizers (byte-level BPE and Metaspace treat spaces as part
-    of the tokens) go to `encode_batch_fast` as they are. The equality is tested for
-    every Unicode whitespace and control character and on real corpora
-    (tests/unit/test_tokenizer.py)."""
+    batch's ids are gathered from the cache with numpy. Other tokenizers (byte-level BPE
+    and Metaspace treat spaces as part of the tokens) go to `encode_batch_fast` as they
+    are. The equality is tested for every BMP character between words, random ASCII and
+    real documents (tests/unit/test_tokenizer.py)."""
 
     def __init__(self, backend, max_cached_words: int = 500_000):
         import numpy as np
@@ -406,16 +406,22 @@ class DocumentEncoder:
         which = np.fromiter(map(self.rows.__getitem__, every), np.int64, len(every))  # new chunks get rows
         if self.rows.new:
             self._learn(self.rows.new)
-        n = self.length[which]  # tokens of each chunk in the batch
-        ends = np.cumsum(n)
-        total = int(ends[-1]) if len(ends) else 0
-        # ids of chunk k are table[first[which[k]] + j] for j < n[k]: one gather for all
-        flat = self.table[np.repeat(self.first[which] - (ends - n), n) + np.arange(total)]
+        flat, ends = self._gather(which)
         per_text = np.fromiter(map(len, chunks), np.int64, len(chunks))
         bounds = np.concatenate([[0], ends])[np.concatenate([[0], np.cumsum(per_text)])].tolist()
         if len(self.rows) > self.max_cached_words:
             self._shrink(np.unique(which))
         return [flat[a:b] for a, b in zip(bounds, bounds[1:])]
+
+    def _gather(self, rows):
+        """The cached ids of `rows`, concatenated, and where each row's ids end."""
+        import numpy as np
+
+        n = self.length[rows]
+        ends = np.cumsum(n)
+        total = int(ends[-1]) if len(ends) else 0
+        # ids of row k are table[first[rows[k]] + j] for j < n[k]: one gather for all
+        return self.table[np.repeat(self.first[rows] - (ends - n), n) + np.arange(total)], ends
 
     def _learn(self, new: list[str]) -> None:
         """Give the rows just handed out to `new` chunks their ids (the real tokenizer's)."""
@@ -430,12 +436,9 @@ class DocumentEncoder:
     def _shrink(self, keep) -> None:
         """Past its bound, the cache keeps only the chunks of the last batch (the frequent
         ones are among them), renumbered, their ids moved, none encoded again."""
-        import numpy as np
-
         chunks = list(self.rows)  # in row order
         length = self.length[keep]
-        ends = np.cumsum(length)
-        self.table = self.table[np.repeat(self.first[keep] - (ends - length), length) + np.arange(int(ends[-1]) if len(ends) else 0)]
+        self.table, ends = self._gather(keep)
         self.first, self.length = ends - length, length
         self.rows = _Rows(zip((chunks[r] for r in keep.tolist()), range(len(keep))))
 
@@ -477,8 +480,8 @@ class DocumentEncoder:
                 out[k] = np.fromiter(chain.from_iterable(ids), np.int32, int(length.sum())), length
         if not groups:
             return np.zeros(0, np.int32), np.zeros(0, np.int64)
-        return (np.concatenate([out[k][0] for k in range(len(groups))]).astype(np.int32),
-                np.concatenate([out[k][1] for k in range(len(groups))]).astype(np.int64))
+        return (np.concatenate([out[k][0] for k in range(len(groups))]).astype(np.int32, copy=False),
+                np.concatenate([out[k][1] for k in range(len(groups))]).astype(np.int64, copy=False))
 
 
 class _Rows(dict):
