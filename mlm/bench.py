@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlm import shards
+from mlm import shards, storage
 from mlm.config import Config
 
 # Dense bf16 peak FLOP/s by device name fragment (vendor datasheets, no sparsity).
@@ -36,14 +36,12 @@ def flops_per_token(cfg: Config, vocab_size: int, seq_len: int) -> float:
 
 
 def _batches(data_dir: Path, micro: int, count: int) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
     from mlm.train import batch_to_tensors
 
     out: list[dict[str, Any]] = []
     while len(out) < count:
         for path in shards.shard_paths(data_dir, "train"):
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=micro):
+            for batch in storage.parquet_file(path).iter_batches(batch_size=micro):
                 if batch.num_rows == micro:
                     out.append(batch_to_tensors(batch, "cpu"))
                 if len(out) == count:

@@ -560,7 +560,9 @@ def _prepare_numbers(out_dir: Path) -> dict[str, Any]:
     """Documents and tokens from prepare's manifest. In packed datasets (the default,
     `data.packing=pack`) every kept document adds one [SEP] to the token stream and every
     row a [CLS] and a final [SEP], so the content tokens follow exactly."""
-    m = json.loads((out_dir / "manifest.json").read_text())
+    from mlm import shards
+
+    m = shards.read_manifest(out_dir)
     rows = sum(s["rows"] for s in m["splits"].values())
     tokens = sum(s["tokens"] for s in m["splits"].values())
     docs = m["documents"]["kept"]

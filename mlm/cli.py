@@ -28,10 +28,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mlm.predict import PredictError
     from mlm.registry import RegistryError
     from mlm.shards import DatasetError
+    from mlm.storage import StorageError
     from mlm.tokenizer import TokenizerError
 
     return (ConfigError, InputError, DatasetError, TokenizerError, ModelError, PredictError, RegistryError, EvalError,
-            ExportError, JobsError)
+            ExportError, JobsError, StorageError)
 
 
 def _echo_json(obj) -> None:
@@ -46,24 +47,25 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Dataset folder.")
+@click.option("--out", "out_dir", required=True, help="Dataset folder, or an object-store URI (s3://bucket/prefix).")
 @click.option("--overwrite", is_flag=True, help="Replace a different dataset already in --out.")
 @PRESET
 @SET
 def prepare(inputs, out_dir, overwrite, preset, overrides) -> None:
     """Tokenize, pack and mask INPUT files/dirs/globs (or builtin:python-docs) into Parquet shards."""
     from mlm.prepare import prepare as run
+    from mlm.storage import normalize
 
     cfg = load_config(preset, overrides)
     # a Ray instance started here runs nothing that needs the dashboard
     m = run(list(inputs), out_dir, cfg, overwrite=overwrite, ray_dashboard=False)
-    _echo_json({"out": str(Path(out_dir).resolve()), "fingerprint": m["fingerprint"], "documents": m["documents"],
+    _echo_json({"out": normalize(out_dir), "fingerprint": m["fingerprint"], "documents": m["documents"],
                 "splits": {s: {k: v for k, v in d.items() if k != "shards"} for s, d in m["splits"].items()}})
 
 
 @cli.command()
-@click.option("--data", "data_dir", required=True, help="Dataset folder from `mlm prepare`.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder; the model lands in OUT/model.")
+@click.option("--data", "data_dir", required=True, help="Dataset folder or URI from `mlm prepare`.")
+@click.option("--out", "out_dir", required=True, help="Run folder or URI; the model lands in OUT/model, checkpoints in OUT/ray.")
 @PRESET
 @SET
 def train(data_dir, out_dir, preset, overrides) -> None:
@@ -93,7 +95,7 @@ def evaluate(model, data_dir, log, preset, overrides) -> None:
 
     cfg = load_config(preset, overrides)
     metrics = run(model, data_dir, cfg.eval.batch_size, engine=cfg.eval.engine, ray_min_rows=cfg.eval.ray_min_rows)
-    if Path(model).is_dir():
+    if not model.startswith(("models:/", "runs:/")):  # a model folder (local or URI) keeps its results
         save_results(model, metrics)
     if log:
         with registry.stage_run("evaluate", cfg):
@@ -103,17 +105,21 @@ def evaluate(model, data_dir, log, preset, overrides) -> None:
 
 
 @cli.command()
-@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.argument("model")
 @click.option("--name", default=None, help="Registered model name (default: registry.model_name).")
 @click.option("--data", "data_dir", default=None, help="Evaluate on this dataset first (else MODEL/eval_results.json is used).")
 @PRESET
 @SET
 def register(model, name, data_dir, preset, overrides) -> None:
     """Log MODEL to MLflow, register a version and apply the champion/challenger gate."""
+    from mlm import storage
     from mlm.evaluate import EvalError, evaluate as run_eval, load_results, save_results
+    from mlm.model import ModelError
     from mlm.registry import register as run
 
     cfg = load_config(preset, overrides)
+    if not storage.is_file(storage.join(model, "config.json")):
+        raise ModelError(f"not a model directory (no config.json): {model}")
     if data_dir:
         metrics = run_eval(model, data_dir, cfg.eval.batch_size, engine=cfg.eval.engine, ray_min_rows=cfg.eval.ray_min_rows)
         save_results(model, metrics)
@@ -163,8 +169,8 @@ def fill_mask(text, file_, model, top_k, preset, overrides) -> None:
 
 
 @cli.command("predict")
-@click.option("--input", "input_path", required=True, help="Text file, one input per line.")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="JSON lines, in input order.")
+@click.option("--input", "input_path", required=True, help="Text file, one input per line (a path or a URI).")
+@click.option("--out", "out_path", required=True, help="JSON lines, in input order (a path or an s3:// / gs:// URI).")
 @click.option("--task", type=click.Choice(["fill-mask", "embed"]), default="fill-mask", show_default=True)
 @click.option("--model", default=None, help="Model dir or MLflow URI (default: models:/<registry.model_name>@champion).")
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(1, 100))

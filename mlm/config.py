@@ -175,7 +175,19 @@ class RegistryConfig(_Section):
     min_improvement: float = Field(0.0, ge=0.0, description="Margin by which a challenger must beat the champion.")
 
 
+class PathsConfig(_Section):
+    data: Optional[str] = Field(
+        None, description="Where pipelines keep datasets (a folder or an object-store URI such as s3://bucket/data); "
+        "default $MLM_HOME/data. Each dataset is a subfolder named by its inputs and data settings."
+    )
+    runs: Optional[str] = Field(
+        None, description="Where pipelines keep runs (model, Ray Train checkpoints): a folder or a URI every node "
+        "reaches on a cluster; default $MLM_HOME/runs. Each run is a timestamped subfolder."
+    )
+
+
 class Config(_Section):
+    paths: PathsConfig = PathsConfig()
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     masking: MaskingConfig = MaskingConfig()

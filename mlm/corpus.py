@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from mlm import storage
 from mlm.config import DataConfig
 
 COMPRESSION = {".gz": "gzip", ".zst": "zstd"}
@@ -78,20 +79,15 @@ def file_kind(path: str) -> str:
 
 
 def is_uri(path: str) -> bool:
-    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path) is not None and not path.startswith("file://")
+    return storage.is_uri(path)
 
 
 def filesystem(path: str):
-    """(pyarrow filesystem, path inside it) for a local path or a URI. S3 endpoints and
-    credentials come from the usual AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID...)."""
-    import pyarrow.fs as pafs
-
-    if is_uri(path):
-        try:
-            return pafs.FileSystem.from_uri(path)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad URIs
-            raise InputError(f"cannot open {path}: {str(e).splitlines()[0]}") from None
-    return pafs.LocalFileSystem(), os.path.abspath(path.removeprefix("file://"))
+    """(pyarrow filesystem, path inside it) for a local path or a URI (see mlm.storage)."""
+    try:
+        return storage.resolve(path)
+    except storage.StorageError as e:
+        raise InputError(str(e)) from None
 
 
 def _join(uri_like: str, inner: str) -> str:

@@ -24,22 +24,22 @@ class EvalError(ValueError):
 def plan_batches(files: list[str], batch_size: int) -> list[tuple[str, int, int]]:
     """The evaluation set as (file, first row, rows) batches, in order. Both engines score
     exactly these batches, so both give the same sums (and the same re-masking)."""
-    import pyarrow.parquet as pq
+    from mlm import storage
 
     plan = []
     for f in files:
-        n = pq.ParquetFile(f).metadata.num_rows
+        n = storage.parquet_file(f).metadata.num_rows
         plan += [(f, start, min(batch_size, n - start)) for start in range(0, n, batch_size)]
     return plan
 
 
 def _read_batches(plan: list[tuple[str, int, int]]):
-    import pyarrow.parquet as pq
+    from mlm import storage
 
     table, current = None, None
     for f, start, n in plan:
         if f != current:
-            table, current = pq.read_table(f), f
+            table, current = storage.parquet_file(f).read(), f
         yield table.slice(start, n)
 
 
@@ -170,7 +170,11 @@ def evaluate(model: Any, data_dir: str | Path, batch_size: int = 64, max_batches
     if on_ray:
         from mlm.model import resolve_model_dir
 
-        model = str(model) if str(model).startswith(("models:/", "runs:/")) else resolve_model_dir(str(model))
+        from mlm import storage
+
+        # URIs go to the actors as they are: each resolves them on its own node
+        remote = str(model).startswith(("models:/", "runs:/")) or storage.is_uri(model)
+        model = str(model) if remote else resolve_model_dir(str(model))
         net, tokenizer = None, _tokenizer_of(model)
     else:
         net, tokenizer = load_model_dir(model) if isinstance(model, (str, Path)) else model
@@ -221,11 +225,13 @@ EVAL_FILE = "eval_results.json"
 
 
 def save_results(model_dir: str | Path, results: dict[str, Any]) -> None:
-    from mlm.shards import atomic_write_bytes
+    from mlm import storage
 
-    atomic_write_bytes(Path(model_dir) / EVAL_FILE, json.dumps(results, indent=2).encode())
+    storage.write_bytes(storage.join(model_dir, EVAL_FILE), json.dumps(results, indent=2).encode())
 
 
 def load_results(model_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(model_dir) / EVAL_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    from mlm import storage
+
+    path = storage.join(model_dir, EVAL_FILE)
+    return json.loads(storage.read_bytes(path)) if storage.is_file(path) else None

@@ -10,7 +10,6 @@ token at the masked positions agrees.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +58,23 @@ def _parity_batches(data_dir: str | None, tokenizer, batch_size: int, max_batche
 
 def export_onnx(model: str, out: str | Path, data_dir: str | None = None, batch_size: int = 16,
                 max_batches: int = 8, opset: int = 18) -> dict[str, Any]:
-    """Write `out` (ONNX, by temporary name and rename) and `out`.parity.json; returns
-    the parity report. Raises ExportError when the outputs disagree beyond ATOL."""
+    """Write `out` (ONNX; a path or an object-store URI, committed only after the
+    parity check) and `out`.parity.json; returns the parity report. Raises ExportError
+    when the outputs disagree beyond ATOL."""
+    import tempfile
+
+    from mlm import storage
+
+    with tempfile.TemporaryDirectory(prefix="mlm-onnx-") as scratch:
+        tmp = Path(scratch) / "model.onnx"
+        report = _export_checked(model, tmp, data_dir, batch_size, max_batches, opset)
+        report["onnx"] = storage.normalize(out)
+        storage.upload_file(str(tmp), out)
+    storage.write_text(storage.normalize(out) + ".parity.json", json.dumps(report, indent=2))
+    return report
+
+
+def _export_checked(model: str, tmp: Path, data_dir, batch_size: int, max_batches: int, opset: int) -> dict[str, Any]:
     import onnxruntime as ort
     import torch
 
@@ -69,9 +83,6 @@ def export_onnx(model: str, out: str | Path, data_dir: str | None = None, batch_
     net, tokenizer = load_model_dir(model)
     net.config._attn_implementation = "eager"  # plain matmuls trace into portable ONNX ops
     wrapper = _wrapper(net)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     sample = torch.ones((2, 16), dtype=torch.int64)
     torch.onnx.export(
         wrapper, (sample, sample), str(tmp), input_names=["input_ids", "attention_mask"], output_names=["logits"],
@@ -91,13 +102,10 @@ def export_onnx(model: str, out: str | Path, data_dir: str | None = None, batch_
             agree += int((expected[at].argmax(-1) == got[at].argmax(-1)).sum())
             total += int(at.sum())
             rows += len(ids)
-    report = {"onnx": str(out), "opset": opset, "rows": rows, "masked_positions": total,
+    report = {"onnx": None, "opset": opset, "rows": rows, "masked_positions": total,
               "max_abs_logit_diff": worst, "atol": ATOL, "top1_agreement": agree / max(1, total),
               "data": str(data_dir) if data_dir else "sample text"}
     if worst > ATOL or agree != total:
-        tmp.unlink(missing_ok=True)
         raise ExportError(f"ONNX output differs from PyTorch: max |logit diff| {worst:.2e} (atol {ATOL}), "
                           f"top-1 agreement {agree}/{total}")
-    os.replace(tmp, out)
-    Path(str(out) + ".parity.json").write_text(json.dumps(report, indent=2))
     return report

@@ -38,11 +38,11 @@ class RowGroup:
 
 def row_groups(paths: list[str]) -> list[RowGroup]:
     """The row groups of the shards, in shard order (from Parquet metadata only)."""
-    import pyarrow.parquet as pq
+    from mlm import storage
 
     out = []
     for path in paths:
-        meta = pq.ParquetFile(path).metadata
+        meta = storage.parquet_file(path).metadata
         out += [RowGroup(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
     return out
 
@@ -91,13 +91,14 @@ class GroupCache:
         self.size, self.tables = size, {}
 
     def get(self, group: RowGroup):
-        import pyarrow.parquet as pq
+        from mlm import storage
 
         key = (group.path, group.index)
         if key not in self.tables:
             if len(self.tables) >= self.size:
                 self.tables.pop(next(iter(self.tables)))
-            self.tables[key] = pq.ParquetFile(group.path).read_row_group(group.index)
+            # a local path or an object-store URI: each worker reads its own row groups
+            self.tables[key] = storage.parquet_file(group.path).read_row_group(group.index)
         return self.tables[key]
 
 

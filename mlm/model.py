@@ -43,30 +43,63 @@ def build_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int, cls_token_
 
 
 def resolve_model_dir(model: str) -> str:
-    """A model directory, or an MLflow model URI downloaded to a local directory."""
+    """A local model directory for `model`: a local directory as it is; an MLflow model
+    URI (models:/, runs:/) or a model directory on an object store (s3://...) downloaded
+    to this node's cache under $MLM_HOME/model-cache."""
+    from mlm import storage
+
+    model = str(model)
     if model.startswith(("models:/", "runs:/")):
         from mlm.registry import download_model_dir
 
         return download_model_dir(model)
+    if storage.is_uri(model):
+        return _cached_copy(model)
     path = Path(model)
     if not (path / "config.json").is_file():
         raise ModelError(f"not a model directory (no config.json): {model}")
     return str(path)
 
 
-def save_model_dir(model, tokenizer, out_dir: str | Path) -> Path:
-    """HF `save_pretrained` layout with safetensors weights, written to a temporary
-    folder and renamed into place."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+def _cached_copy(uri: str) -> str:
+    """A local copy of a model directory on an object store, keyed by its files' names,
+    sizes and times (a model written again at the same URI is fetched again)."""
+    import hashlib
+    import tempfile
+
+    from mlm import storage
+    from mlm.runtime import work_dir
+
+    try:
+        if not storage.is_file(storage.join(uri, "config.json")):
+            raise ModelError(f"not a model directory (no config.json): {uri}")
+        stamp = [(n, storage.size(storage.join(uri, n))) for n in storage.list_names(uri)]
+    except storage.StorageError as e:
+        raise ModelError(str(e)) from None
+    dest = work_dir() / "model-cache" / hashlib.sha256(repr([uri, stamp]).encode()).hexdigest()[:16]
+    if (dest / "config.json").is_file():
+        return str(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
+        local = storage.get_dir(uri, Path(tmp) / "model")
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(local, dest)
+    return str(dest)
+
+
+def save_model_dir(model, tokenizer, out_dir: str | Path) -> str:
+    """HF `save_pretrained` layout with safetensors weights, written to a local
+    temporary folder and committed to `out_dir` (a local folder: renamed into place;
+    a URI: uploaded with config.json last)."""
+    import tempfile
+
+    from mlm import storage
+
+    with tempfile.TemporaryDirectory(prefix="mlm-model-") as tmp:
+        model.save_pretrained(tmp)  # safetensors: the transformers 5 default and only format
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        return storage.put_dir(tmp, out_dir, marker="config.json")
 
 
 def load_model_dir(path: str | Path):

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlm import corpus
+from mlm import corpus, storage
 from mlm.config import Config
 
 
@@ -21,10 +21,21 @@ def data_key(inputs: list[str], cfg: Config) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def pretrain(inputs: list[str], cfg: Config, work: Path | None = None, *, data_dir: Path | None = None,
+def data_root(cfg: Config, work: Path) -> str:
+    """Where datasets go: `paths.data` (a folder or URI), else WORK/data."""
+    return storage.normalize(cfg.paths.data or work / "data")
+
+
+def run_dir(cfg: Config, work: Path) -> str:
+    """A new run folder under `paths.runs` (a folder or URI), else under WORK/runs."""
+    return storage.join(cfg.paths.runs or work / "runs", time.strftime("%Y%m%d-%H%M%S"))
+
+
+def pretrain(inputs: list[str], cfg: Config, work: Path | None = None, *, data_dir: str | None = None,
              stage: str = "pipeline") -> dict[str, Any]:
-    """Run every stage; `data_dir` (default: one per inputs and data settings) is
-    prepared, or extended when it holds a subset of the inputs."""
+    """Run every stage; `data_dir` (default: one per inputs and data settings under
+    `paths.data`) is prepared, or extended when it holds a subset of the inputs. Every
+    path may be an object-store URI (a cluster has no shared disk)."""
     import mlflow
 
     from mlm import registry
@@ -35,8 +46,8 @@ def pretrain(inputs: list[str], cfg: Config, work: Path | None = None, *, data_d
 
     work = Path(work) if work else work_dir()
     corpus.resolve_inputs(list(inputs), work)  # bad input fails here, before any run is recorded
-    data_dir = Path(data_dir) if data_dir else work / "data" / data_key(inputs, cfg)
-    run_dir = work / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    data_dir = storage.normalize(data_dir) if data_dir else storage.join(data_root(cfg, work), data_key(inputs, cfg))
+    out_dir = run_dir(cfg, work)
     started = time.time()
     with registry.stage_run(stage, cfg) as parent:
         pid = parent.info.run_id
@@ -49,7 +60,7 @@ def pretrain(inputs: list[str], cfg: Config, work: Path | None = None, *, data_d
                 "validation_tokens": manifest["splits"]["validation"]["tokens"],
             })
         with registry.stage_run("train", cfg, pid) as run:
-            summary = train(data_dir, run_dir, cfg, mlflow_run_id=run.info.run_id)
+            summary = train(data_dir, out_dir, cfg, mlflow_run_id=run.info.run_id)
             mlflow.log_metrics({"train_seconds": summary["seconds"], "approx_tokens_per_s": summary["approx_tokens_per_s"]})
         with registry.stage_run("evaluate", cfg, pid):
             metrics = evaluate(summary["model_dir"], data_dir, cfg.eval.batch_size, engine=cfg.eval.engine,

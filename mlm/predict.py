@@ -82,39 +82,44 @@ class _BatchPredictor:
 def predict_file(model: str, input_path: str, out_path: str, task: str = "fill-mask", top_k: int = 5,
                  batch_size: int = 64) -> dict[str, Any]:
     """Batch inference over a text file (one input per line) with Ray Data; writes JSON
-    lines in input order to `out_path` (temporary name, then rename)."""
-    import os
-    from pathlib import Path
-
+    lines in input order to `out_path`. Both may be local paths or object-store URIs: a
+    URI input is read by Ray Data's tasks on any node, a local one on this node (only
+    it is sure to see the file); the output is committed only when complete
+    (temporary name, then rename or upload)."""
     import numpy as np
     import ray
 
+    from mlm import storage
     from mlm.model import resolve_model_dir
     from mlm.runtime import ensure_ray, quiet_ray_data
 
     if task not in ("fill-mask", "embed"):
         raise PredictError(f"unknown task {task!r}; expected fill-mask or embed")
-    if not os.path.isfile(input_path):
-        raise PredictError(f"no such file: {input_path}")
+    try:
+        if not storage.is_file(input_path):
+            raise PredictError(f"no such file: {input_path}")
+    except storage.StorageError as e:
+        raise PredictError(str(e)) from None
     model_dir = resolve_model_dir(model)  # fails here, before Ray starts, on an unknown model
-    # Actors get the URI itself and resolve it on their own node (a cluster has no shared
-    # disk by default); a directory must be on storage every node sees.
-    actor_model = model if model.startswith(("models:/", "runs:/")) else model_dir
+    # Actors get a URI itself and resolve it on their own node (a cluster has no shared
+    # disk); a local directory must be on storage every node sees.
+    remote_model = model.startswith(("models:/", "runs:/")) or storage.is_uri(model)
     ensure_ray()
     quiet_ray_data()
-    ds = ray.data.read_text(os.path.abspath(input_path)).map_batches(
-        _BatchPredictor, fn_constructor_kwargs={"model_dir": actor_model, "task": task, "top_k": top_k},
+    # local://: Ray Data schedules the read tasks on this (the driver's) node
+    source = input_path if storage.is_uri(input_path) else "local://" + storage.normalize(input_path)
+    ds = ray.data.read_text(source).map_batches(
+        _BatchPredictor, fn_constructor_kwargs={"model_dir": model if remote_model else model_dir, "task": task,
+                                                "top_k": top_k},
         # Leave a CPU for the read tasks, or the actors hold every CPU and the read never runs.
-        batch_size=batch_size, concurrency=max(1, int(ray.cluster_resources().get("CPU", 1)) - 1), batch_format="numpy",
+        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)),
+        batch_format="numpy",
     )
-    out = Path(out_path)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     lines = errors = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with storage.output_file(out_path) as local, open(local, "w", encoding="utf-8") as f:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for record in batch["json"]:
                 f.write(str(record) + "\n")
             lines += len(batch["json"])
             errors += int(np.sum(batch["error"]))
-    os.replace(tmp, out)
-    return {"input": input_path, "out": str(out), "task": task, "lines": lines, "errors": errors}
+    return {"input": input_path, "out": storage.normalize(out_path), "task": task, "lines": lines, "errors": errors}

@@ -1,9 +1,10 @@
 """The data stage: read -> clean -> tokenizer -> tokenize -> pack -> mask -> shards.
 
-Composed from corpus, tokenizer, packing, masking and shards. Tokenizing, packing
-and masking run in one class-based Ray Data stage (the tokenizer is loaded once per
-actor); the driver streams the result into Parquet shards and writes the manifest
-last.
+Composed from corpus, tokenizer, packing, masking, shards and storage. Reading,
+tokenizing, packing, masking and shard writing run in one class-based Ray Data stage
+(the tokenizer is loaded once per actor); each actor commits the shards of its input
+ranges to the output (a local folder or an object-store URI) and sends the driver one
+summary row per range; the driver writes the manifest last.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 import time
 from collections import Counter
@@ -24,25 +24,28 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from mlm import corpus, shards, tokenizer as tok_mod
+from mlm import corpus, shards, storage, tokenizer as tok_mod
 from mlm.config import Config, DataConfig
 from mlm.masking import IGNORE_INDEX, Masker, batch_rng
 from mlm.packing import pack, pad_documents
 
 log = logging.getLogger(__name__)
-_STATS = "_stats"
 
 
 class TokenizePackMask:
     """Ray Data stage, one range of input per call: read -> clean -> tokenize -> pack ->
-    mask, yielding a table of sequences (+ one stats row) per group of documents.
+    mask -> shards. The actor writes the range's shards itself (to `out_dir`, local or
+    an object-store URI, each through a temporary name) and yields one row per range:
+    its shard entries, drop counts and train token frequencies, for the driver's
+    manifest. Nothing but those small rows reaches the driver.
 
     Reading inside the stage keeps documents out of the object store; the groups are
-    cut by position in the range, so the output depends on the input and the config
-    only, never on how many workers run."""
+    cut by position in the range and the shards are named by the range's index, so
+    the output depends on the input and the config only, never on how many workers
+    run or on which node."""
 
-    def __init__(self, tokenizer_file: str, special: dict[str, int], data_cfg: dict, maskers: dict[str, dict],
-                 dynamic_train: bool, parallel_encode: bool = True):
+    def __init__(self, tokenizer_json: str, special: dict[str, int], data_cfg: dict, maskers: dict[str, dict],
+                 dynamic_train: bool, out_dir: str, vocab_size: int, parallel_encode: bool = True):
         from tokenizers import Tokenizer
 
         if not parallel_encode:
@@ -51,9 +54,9 @@ class TokenizePackMask:
             # this variable at each call, in this process only.
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-        # The Rust tokenizer alone: importing transformers would add seconds to every
-        # actor's start.
-        backend = Tokenizer.from_file(tokenizer_file)
+        # The Rust tokenizer alone (from its JSON: no file the actor's node may not
+        # have): importing transformers would add seconds to every actor's start.
+        backend = Tokenizer.from_str(tokenizer_json)
         backend.no_truncation()
         backend.no_padding()
         # "[SEP]" typed in a document is text, not a boundary: keeps packing invertible.
@@ -65,6 +68,7 @@ class TokenizePackMask:
         self.maskers = {split: Masker(spec) for split, spec in maskers.items()}
         self.dynamic_train = dynamic_train
         self.group_fn = pack if self.data.packing == "pack" else pad_documents
+        self.out_dir, self.vocab_size = out_dir, vocab_size
 
     def _encode(self, texts: list[str]) -> list[np.ndarray]:
         """Token ids per document; a very long document is encoded in whitespace-cut
@@ -92,18 +96,36 @@ class TokenizePackMask:
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         for job in batch.to_pylist():
-            r = corpus.Range(**job["range"])
-            skip, kept, rows = set(job["skip"]), 0, []
-            for row in corpus.iter_range(r, self.data):
-                if not row["drop_reason"]:
-                    if kept in skip:  # an exact duplicate of an earlier document
-                        row = corpus.DROPPED | {"drop_reason": "duplicate"}
-                    kept += 1
-                rows.append(row)
-                if len(rows) == self.data.pack_batch_docs:
-                    yield from self._group(rows)
-                    rows = []
-            yield from self._group(rows, range_bytes=job["bytes"])  # also reports the range as done
+            yield self._range(job)
+
+    def _range(self, job: dict) -> pa.Table:
+        """Shards of one input range, and its summary row."""
+        writers = {s: shards.ShardWriter(self.out_dir, s, self.data.rows_per_shard, job["index"]) for s in shards.SPLITS}
+        counts: Counter = Counter({"_bytes": job["bytes"], f"_node:{self._node()}": 1})
+        token_counts = np.zeros(self.vocab_size, np.int64)
+
+        def write(rows: list[dict]) -> None:
+            for split, table in self._group(rows, counts):
+                writers[split].add(table)
+                if split == "train":  # token frequencies, for the most-frequent-token baseline
+                    ids, labels = shards.column_2d(table, "input_ids"), shards.column_2d(table, "labels")
+                    original = np.where(labels >= 0, labels, ids).reshape(-1)
+                    token_counts[:] += np.bincount(original, minlength=self.vocab_size)[: self.vocab_size]
+
+        skip, kept, rows = set(job["skip"]), 0, []
+        for row in corpus.iter_range(corpus.Range(**job["range"]), self.data):
+            if not row["drop_reason"]:
+                if kept in skip:  # an exact duplicate of an earlier document
+                    row = corpus.DROPPED | {"drop_reason": "duplicate"}
+                kept += 1
+            rows.append(row)
+            if len(rows) == self.data.pack_batch_docs:
+                write(rows)
+                rows = []
+        write(rows)
+        files = {s: w.close() for s, w in writers.items()}
+        return pa.table({"index": [job["index"]], "stats": [json.dumps(dict(counts))], "shards": [json.dumps(files)],
+                         "token_counts": [token_counts.tobytes()]})
 
     @staticmethod
     def _node() -> str:
@@ -111,16 +133,12 @@ class TokenizePackMask:
 
         return ray.get_runtime_context().get_node_id()[:12] if ray.is_initialized() else "local"
 
-    def _group(self, rows: list[dict], range_bytes: int = 0) -> Iterator[pa.Table]:
-        """Tables of sequences for a group of document rows, the last one ending with
-        a stats row (drop counts for the driver). Masking runs in blocks of rows, so a
-        50 MB document costs a few copies of its token ids, not of float masks."""
-        reasons = np.array([r["drop_reason"] for r in rows], dtype=object)
-        counts: Counter = Counter(r for r in reasons.tolist() if r)
-        counts["_bytes"] = range_bytes
-        if range_bytes:  # which node did the range, for the manifest's record
-            counts[f"_node:{self._node()}"] = 1
-        for split in ("train", "validation"):
+    def _group(self, rows: list[dict], counts: Counter) -> Iterator[tuple[str, pa.Table]]:
+        """(split, table of sequences) for a group of document rows; drop counts go to
+        `counts`. Masking runs in blocks of rows, so a 50 MB document costs a few
+        copies of its token ids, not of float masks."""
+        counts.update(r["drop_reason"] for r in rows if r["drop_reason"])
+        for split in shards.SPLITS:
             keep = [i for i, r in enumerate(rows) if not r["drop_reason"] and r["split"] == split]
             if not keep:
                 continue
@@ -132,7 +150,7 @@ class TokenizePackMask:
             if not len(ids):
                 continue
             if split == "train" and self.dynamic_train:  # masked at load time by the trainer
-                yield _with_split(shards.to_table(ids, np.full_like(ids, IGNORE_INDEX), num_tokens), split)
+                yield split, shards.to_table(ids, np.full_like(ids, IGNORE_INDEX), num_tokens)
                 continue
             masker = self.maskers[split]
             content = b"".join(rows[i]["doc_hash"] for i in keep)
@@ -143,18 +161,10 @@ class TokenizePackMask:
                 for start in range(0, len(ids), MASK_BLOCK_ROWS):
                     block = slice(start, start + MASK_BLOCK_ROWS)
                     input_ids, labels = masker(ids[block], num_tokens[block], rng)
-                    yield _with_split(shards.to_table(input_ids, labels, num_tokens[block]), split)
-        zero = np.zeros((1, self.seq_len), np.int32)
-        yield _with_split(shards.to_table(zero, zero, np.zeros(1, np.int32)), _STATS, json.dumps(dict(counts)))
+                    yield split, shards.to_table(input_ids, labels, num_tokens[block])
 
 
 MASK_BLOCK_ROWS = 8192
-
-
-def _with_split(table: pa.Table, split: str, stats: str = "") -> pa.Table:
-    return table.append_column("split", pa.array([split] * table.num_rows)).append_column(
-        "stats", pa.array([stats] * table.num_rows)
-    )
 
 
 def range_hashes(batch: pa.Table, data_cfg: dict) -> dict[str, list]:
@@ -255,26 +265,27 @@ def _input_fingerprint(files: list[corpus.InputFile], cfg: Config, terms: list[s
     return h.hexdigest()[:16]
 
 
-_OURS = re.compile(r"^(\.?(train|validation)-\d{5}\.parquet(\.tmp\d+)?|\..*\.tmp\d+|tokenizer(\.tmp\d+)?"
-                   r"|token-counts\.npy|dedup-hashes\.u64)$")
+_OURS = re.compile(r"^(\.?(train|validation)-\d{5}(-\d{3})?\.parquet(\.tmp\d+)?|\..*\.tmp\d+|tokenizer(\.tmp\d+)?"
+                   r"|token-counts\.npy|dedup-hashes\.u64|\.inputs)$")
 TOKENIZER_MARK = "mlm-inputs-fingerprint.txt"
+STAGED_INPUTS = ".inputs"  # local inputs copied for the other nodes of a cluster (removed at the end)
 TOKEN_COUNTS = "token-counts.npy"
 DEDUP_HASHES = "dedup-hashes.u64"
 
 
-def _reusable_tokenizer(out_dir: Path, fingerprint_inputs: str) -> bool:
+def _reusable_tokenizer(out_dir: str, fingerprint_inputs: str) -> bool:
     """An interrupted run's tokenizer, trained on these very inputs and settings, is
     kept: retraining could break frequency ties differently and change every shard."""
-    mark = out_dir / "tokenizer" / TOKENIZER_MARK
-    return mark.is_file() and mark.read_text().strip() == fingerprint_inputs
+    mark = storage.join(out_dir, "tokenizer", TOKENIZER_MARK)
+    return storage.is_file(mark) and storage.read_text(mark).strip() == fingerprint_inputs
 
 
-def _clear_unfinished(out_dir: Path, keep: set[str] = frozenset()) -> None:
+def _clear_unfinished(out_dir: str, keep: set[str] = frozenset()) -> None:
     """Remove what an interrupted run left: every file of ours that the manifest (if
     any) does not list. A dataset being extended keeps its listed files."""
-    for p in out_dir.iterdir():
-        if _OURS.match(p.name) and p.name not in keep:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for name in storage.list_names(out_dir):
+        if _OURS.match(name) and name not in keep:
+            storage.delete(storage.join(out_dir, name))
 
 
 def _listed_files(manifest: dict[str, Any]) -> set[str]:
@@ -304,11 +315,11 @@ def masker_spec(tokenizer, settings: dict[str, Any], terms: list[str]) -> dict[s
     }
 
 
-def _incremental_base(out_dir: Path, files, cfg: Config, fingerprint_inputs: str, overwrite: bool):
+def _incremental_base(out_dir: str, files, cfg: Config, fingerprint_inputs: str, overwrite: bool):
     """What an existing dataset in `out_dir` means for this run: ("done", manifest) when
     it already holds these inputs, ("extend", manifest) when these inputs are its inputs
     plus new files under the same config, (None, None) when there is nothing there."""
-    if not (out_dir / shards.MANIFEST).exists():
+    if not storage.exists(storage.join(out_dir, shards.MANIFEST)):
         return None, None
     existing = shards.read_manifest(out_dir)
     sound = not shards.verify(out_dir)
@@ -323,20 +334,14 @@ def _incremental_base(out_dir: Path, files, cfg: Config, fingerprint_inputs: str
             f"{out_dir} already holds a different dataset (other config, or inputs changed or removed); "
             "use another --out or --overwrite"
         )
-    (out_dir / shards.MANIFEST).unlink()  # from here on the folder is not a dataset
+    storage.delete(storage.join(out_dir, shards.MANIFEST))  # from here on the folder is not a dataset
     return None, None
 
 
-def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: bool = False,
-            ray_dashboard: bool = True) -> dict[str, Any]:
-    """Prepare a dataset; returns its manifest. Idempotent for identical inputs and
-    config; incremental when the inputs are a dataset's inputs plus new files.
-    `ray_dashboard`: whether a local Ray instance started here runs the dashboard (Ray
-    Train needs it; `mlm prepare` alone does not)."""
-    from mlm.runtime import ensure_ray, quiet_ray_data, work_dir
+def _check_inputs(inputs: list[str], cfg: Config):
+    """Resolved input files, skipped ones by reason, masking terms; fails on bad input."""
+    from mlm.runtime import work_dir
 
-    started = time.time()
-    out_dir = Path(out_dir).resolve()
     files, skipped = corpus.resolve_inputs(list(inputs), work_dir())
     n_files = len(files) + sum(len(v) for v in skipped.values())
     if sum(len(v) for v in skipped.values()) / n_files > cfg.data.max_bad_fraction:
@@ -345,143 +350,189 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
             f"(> data.max_bad_fraction={cfg.data.max_bad_fraction}): {skipped}"
         )
     corpus.check_text_column(files, cfg.data.text_field)
-    terms = _read_terms(cfg.masking.terms_file)
-    fingerprint_inputs = _input_fingerprint(files, cfg, terms)
-    mode, base = _incremental_base(out_dir, files, cfg, fingerprint_inputs, overwrite)
-    if mode == "done":
-        log.info("dataset in %s is up to date; nothing to do", out_dir)
-        return base
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok_dir = out_dir / "tokenizer"
-    if base:  # extend: keep every listed file, process only the new inputs
-        old = {i["path"] for i in base["inputs"]}
-        todo = [f for f in files if f.path not in old]
-        _clear_unfinished(out_dir, keep=_listed_files(base))
-        reuse_tokenizer = True
-    else:
-        todo = files
-        reuse_tokenizer = not cfg.tokenizer.path and _reusable_tokenizer(out_dir, fingerprint_inputs)
-        _clear_unfinished(out_dir, keep={"tokenizer"} if reuse_tokenizer else set())
+    return files, skipped, _read_terms(cfg.masking.terms_file)
 
-    ensure_ray(dashboard=ray_dashboard)
-    quiet_ray_data()
-    import ray
 
-    ranges = corpus.plan_ranges(todo, cfg.data.read_chunk_bytes)
-    if reuse_tokenizer:
+def _tokenizer(out_dir: str, ranges, cfg: Config, fingerprint_inputs: str, reuse: bool, scratch: str):
+    """The dataset's tokenizer: reused, loaded from tokenizer.path, or trained on a
+    sample; saved as `out_dir/tokenizer`. Returns (view, tokenizer.json text), read
+    from a local copy in `scratch` (what readers will load)."""
+    tok_dir = storage.join(out_dir, "tokenizer")
+    if reuse:
         log.info("reusing the tokenizer in %s", tok_dir)
     else:
         if cfg.tokenizer.path:
-            tokenizer = tok_mod.load_view(cfg.tokenizer.path)
+            with storage.local_dir(cfg.tokenizer.path) as src:
+                tokenizer = tok_mod.load_view(src)
+                tok_mod.save_tokenizer(tokenizer, Path(scratch) / "new-tokenizer")
         else:
             texts = _sample_texts(corpus.read_documents(ranges, cfg.data), cfg.tokenizer.sample_docs)
             if not texts:
                 raise corpus.InputError("empty corpus: no document left after cleaning")
-            tokenizer = tok_mod.train_tokenizer(texts, cfg.tokenizer)
-        tok_mod.save_tokenizer(tokenizer, tok_dir)
-        (tok_dir / TOKENIZER_MARK).write_text(fingerprint_inputs)
-    tokenizer = tok_mod.load_view(tok_dir)  # fingerprint what readers will load
+            tok_mod.save_tokenizer(tok_mod.train_tokenizer(texts, cfg.tokenizer), Path(scratch) / "new-tokenizer")
+        (Path(scratch) / "new-tokenizer" / TOKENIZER_MARK).write_text(fingerprint_inputs)
+        storage.put_dir(Path(scratch) / "new-tokenizer", tok_dir, marker=TOKENIZER_MARK)
+    local = storage.get_dir(tok_dir, Path(scratch) / "tokenizer")
+    return tok_mod.load_view(local), (Path(local) / "tokenizer.json").read_text(encoding="utf-8")
 
-    data_cfg = cfg.data.model_dump()
-    known = np.zeros(0, np.uint64)
-    if base and (out_dir / DEDUP_HASHES).exists():
-        known = np.fromfile(out_dir / DEDUP_HASHES, dtype="<u8")
-    skips: list[list[int]] = [[] for _ in ranges]
-    if cfg.data.dedup:  # a first, cheaper pass: hashes only, no tokenizing
-        found = ray.data.from_items(
-            [{"index": i, "range": r.to_dict()} for i, r in enumerate(ranges)], override_num_blocks=len(ranges)
-        ).map_batches(range_hashes, fn_kwargs={"data_cfg": data_cfg}, batch_size=1, batch_format="pyarrow")
-        blobs = {row["index"]: row["hashes"] for row in found.iter_rows()}
-        skips = _duplicates([blobs[i] for i in range(len(ranges))], known)
+
+def _stage_inputs(ranges: list, todo: list, out_dir: str) -> tuple[list, bool]:
+    """Ranges every node can read. On a cluster of several nodes a local input file is
+    on this node only, so with an object-store output it is copied once under
+    OUT/.inputs/ and its ranges point there; otherwise the ranges are returned as they
+    are. Returns (ranges, whether anything was staged)."""
+    import dataclasses
+
+    import ray
+
+    local = [f for f in todo if not storage.is_uri(f.path)]
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    if len(nodes) < 2 or (not local and storage.is_uri(out_dir)):
+        return ranges, False
+    if not storage.is_uri(out_dir):  # a local output: every node must see it (a shared disk)
+        _check_nodes_see(nodes, [storage.parent(out_dir)] + [f.path for f in local])
+        return ranges, False
+    staged = {}
+    for f in local:
+        staged[f.path] = storage.join(out_dir, STAGED_INPUTS, f"{f.fingerprint[:16]}-{os.path.basename(f.path)}")
+        storage.upload_file(f.path, staged[f.path])
+    log.info("copied %d local input file(s) to %s for the cluster's other nodes", len(local), storage.join(out_dir, STAGED_INPUTS))
+    return [dataclasses.replace(r, path=staged.get(r.path, r.path)) for r in ranges], True
+
+
+def _check_nodes_see(nodes: list[str], paths: list[str]) -> None:
+    """Fail with one line when some node of the cluster cannot see a local path (no
+    shared disk there); a task pinned to each node looks."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def missing(paths: list[str]) -> list[str]:
+        return [p for p in paths if not os.path.exists(p)]
+
+    found = ray.get([missing.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(paths)
+                     for n in nodes])
+    for node, gone in zip(nodes, found):
+        if gone:
+            raise corpus.InputError(
+                f"node {node[:12]} of the cluster cannot see {gone[0]}: there is no shared disk, so give the "
+                "output (--out, paths.data) as an object-store URI (s3://...); local inputs are then copied there"
+            )
+
+
+def _check_visible(out_dir: str, new_shards: dict[str, list]) -> None:
+    """Shards that workers on other nodes wrote to a local path are on their disks,
+    not here: one clear error instead of a dataset with holes."""
+    if storage.is_uri(out_dir):
+        return
+    missing = [x["file"] for lst in new_shards.values() for x in lst if not storage.is_file(storage.join(out_dir, x["file"]))]
+    if missing:
+        raise shards.DatasetError(
+            f"{len(missing)} shard(s) written by workers on other nodes are not in {out_dir} as this node sees it "
+            f"(e.g. {missing[0]}); on a cluster without a shared disk give --out an object-store URI (s3://...)"
+        )
+
+
+def _dedup_skips(ranges, data_cfg: dict, known: np.ndarray):
+    """Per range, the positions of its duplicate documents, and the hash blobs."""
+    import ray
+
+    found = ray.data.from_items(
+        [{"index": i, "range": r.to_dict()} for i, r in enumerate(ranges)], override_num_blocks=len(ranges)
+    ).map_batches(range_hashes, fn_kwargs={"data_cfg": data_cfg}, batch_size=1, batch_format="pyarrow")
+    blobs = {row["index"]: row["hashes"] for row in found.iter_rows()}
+    return _duplicates([blobs[i] for i in range(len(ranges))], known), blobs
+
+
+def _range_bytes(ranges, todo) -> list[int]:
+    """Input bytes per range (text ranges: their span; others: a file's share)."""
     size = {f.path: f.size for f in todo}
     per_file = Counter(r.path for r in ranges)
-    nbytes = [r.end - r.start if r.end >= 0 and corpus.file_kind(r.path) in ("txt", "jsonl") else size[r.path] // per_file[r.path]
-              for r in ranges]
+    return [r.end - r.start if r.end >= 0 and corpus.file_kind(r.path) in ("txt", "jsonl") else size[r.path] // per_file[r.path]
+            for r in ranges]
+
+
+def _run_stage(out_dir: str, ranges, nbytes: list[int], skips, first: int, tokenizer, tokenizer_json: str,
+               maskers, cfg: Config):
+    """Run the fused stage; returns (new shards per split, counts, train token counts)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
     jobs = ray.data.from_items(
-        [{"range": r.to_dict(), "skip": skips[i], "bytes": nbytes[i]} for i, r in enumerate(ranges)],
+        [{"index": first + i, "range": r.to_dict(), "skip": skips[i], "bytes": nbytes[i]} for i, r in enumerate(ranges)],
         override_num_blocks=len(ranges),
     )
-
-    settings = cfg.masking.model_dump()
-    eval_settings = {"strategy": "random", "rate": cfg.eval.rate, "mask_fraction": 0.8, "random_fraction": 0.1, "seed": cfg.eval.seed}
-    maskers = {"train": masker_spec(tokenizer, settings, terms), "validation": masker_spec(tokenizer, eval_settings, [])}
     cpus = int(ray.cluster_resources().get("CPU", 1))
     pool = max(1, min(len(ranges), cpus))
-    sequences = jobs.map_batches(
+    summaries = jobs.map_batches(
         TokenizePackMask,
         fn_constructor_kwargs={
-            "tokenizer_file": str(tok_dir / "tokenizer.json"), "data_cfg": data_cfg, "maskers": maskers,
+            "tokenizer_json": tokenizer_json, "data_cfg": cfg.data.model_dump(), "maskers": maskers,
             "special": {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id},
-            "dynamic_train": cfg.masking.mode == "dynamic",
+            "dynamic_train": cfg.masking.mode == "dynamic", "out_dir": out_dir, "vocab_size": len(tokenizer),
             # a core per actor: each encodes on one thread; fewer ranges than cores: all threads
             "parallel_encode": pool < cpus,
         },
         batch_size=1,
         batch_format="pyarrow",
         # A fixed pool, all started at once (an autoscaling pool starts with one actor).
-        concurrency=pool,
+        compute=ActorPoolStrategy(size=pool),
     )
-    first = {s: len(base["splits"][s]["shards"]) if base else 0 for s in shards.SPLITS}
-    writers = {s: shards.ShardWriter(out_dir, s, cfg.data.rows_per_shard, first_index=first[s]) for s in shards.SPLITS}
     counts: Counter = Counter()
     token_counts = np.zeros(len(tokenizer), np.int64)
-    if base and (out_dir / TOKEN_COUNTS).exists():
-        token_counts += np.load(out_dir / TOKEN_COUNTS, allow_pickle=False)
-    special = np.array(sorted(set(tokenizer.all_special_ids)))
+    per_range: dict[int, dict[str, list]] = {}
     progress = Progress(total_bytes=sum(nbytes))
-    for batch in sequences.iter_batches(batch_format="pyarrow", batch_size=None):
-        split_col = batch.column("split").to_numpy(zero_copy_only=False)
-        for s in batch.column("stats").to_pylist():
-            if s:
-                counts.update(json.loads(s))
-        progress.update(counts, int(np.asarray(batch.column("num_tokens")).sum()))
-        for split, writer in writers.items():
-            rows = np.flatnonzero(split_col == split)
-            if not len(rows):
-                continue
-            table = batch.take(pa.array(rows)).select(["input_ids", "labels", "num_tokens"])
-            writer.add(table)
-            if split == "train":  # token frequencies, for the most-frequent-token baseline
-                ids, labels = shards.column_2d(table, "input_ids"), shards.column_2d(table, "labels")
-                original = np.where(labels >= 0, labels, ids)
-                token_counts += np.bincount(original.reshape(-1), minlength=len(token_counts))[: len(token_counts)]
-    new_shards = {s: w.close() for s, w in writers.items()}
+    for row in summaries.iter_rows():
+        counts.update(json.loads(row["stats"]))
+        per_range[row["index"]] = json.loads(row["shards"])
+        token_counts += np.frombuffer(row["token_counts"], np.int64)
+        progress.update(counts, sum(x["tokens"] for lst in per_range[row["index"]].values() for x in lst))
     progress.done(counts)
-    keep = _listed_files(base) if base else set()
-    split_shards = {s: (base["splits"][s]["shards"] if base else []) + new_shards[s] for s in shards.SPLITS}
+    new_shards = {s: [x for i in sorted(per_range) for x in per_range[i][s]] for s in shards.SPLITS}
+    return new_shards, counts, token_counts
+
+
+def _maskers(tokenizer, cfg: Config, terms: list[str]) -> dict[str, dict]:
+    """Training masking as configured; the fixed evaluation masking for validation."""
+    eval_settings = {"strategy": "random", "rate": cfg.eval.rate, "mask_fraction": 0.8, "random_fraction": 0.1,
+                     "seed": cfg.eval.seed}
+    return {"train": masker_spec(tokenizer, cfg.masking.model_dump(), terms),
+            "validation": masker_spec(tokenizer, eval_settings, [])}
+
+
+def _check_counts(split_shards: dict[str, list], counts: Counter, cfg: Config, out_dir: str, keep: set[str]) -> dict:
+    """Fail (and clear the new shards) on an empty split or too many dropped documents;
+    returns the drop counts by reason."""
     for split, lst in split_shards.items():
         if not lst:
             _clear_unfinished(out_dir, keep)
             if split == "train":
                 raise corpus.InputError("empty corpus: no tokens left after cleaning")
-            raise corpus.InputError(
-                "no validation documents; add documents or raise data.validation_fraction"
-            )
-    if base:  # counts of the dataset being extended
-        for k, v in base["documents"]["dropped"].items():
-            counts[k] += v
-        for s in shards.SPLITS:
-            counts[f"docs_{s}"] += base["splits"][s]["documents"]
-        counts["_repaired_utf8"] += base["documents"]["repaired_invalid_utf8"]
-        counts["_latin1"] += base["documents"]["decoded_as_latin1"]
+            raise corpus.InputError("no validation documents; add documents or raise data.validation_fraction")
     dropped = {k: v for k, v in counts.items() if v and not k.startswith(("docs_", "_"))}
-    dropped_docs = sum(dropped.values())
-    seen_docs = dropped_docs + sum(counts.get(f"docs_{s}", 0) for s in shards.SPLITS)
-    if seen_docs and dropped_docs / seen_docs > cfg.data.max_bad_fraction:
+    seen_docs = sum(dropped.values()) + sum(counts.get(f"docs_{s}", 0) for s in shards.SPLITS)
+    if seen_docs and sum(dropped.values()) / seen_docs > cfg.data.max_bad_fraction:
         _clear_unfinished(out_dir, keep)
         raise corpus.InputError(
-            f"{dropped_docs} of {seen_docs} documents were dropped (> data.max_bad_fraction="
+            f"{sum(dropped.values())} of {seen_docs} documents were dropped (> data.max_bad_fraction="
             f"{cfg.data.max_bad_fraction}): {dropped}"
         )
-    # Side files first (by rename), the manifest last.
-    buf = io.BytesIO()
-    np.save(buf, token_counts, allow_pickle=False)
-    shards.atomic_write_bytes(out_dir / TOKEN_COUNTS, buf.getvalue())
-    token_counts[special] = 0
-    if cfg.data.dedup:
-        kept_hashes = np.concatenate([known] + [np.frombuffer(blobs[i], ">u8").astype("<u8")[
-            np.setdiff1d(np.arange(len(blobs[i]) // 8), skips[i])] for i in range(len(ranges))])
-        shards.atomic_write_bytes(out_dir / DEDUP_HASHES, np.sort(kept_hashes).astype("<u8").tobytes())
+    return dropped
+
+
+def _add_base_counts(counts: Counter, base: dict[str, Any]) -> None:
+    """Counts of the dataset being extended, added to this increment's."""
+    for k, v in base["documents"]["dropped"].items():
+        counts[k] += v
+    for s in shards.SPLITS:
+        counts[f"docs_{s}"] += base["splits"][s]["documents"]
+    counts["_repaired_utf8"] += base["documents"]["repaired_invalid_utf8"]
+    counts["_latin1"] += base["documents"]["decoded_as_latin1"]
+
+
+def _manifest(*, files, skipped, cfg: Config, fingerprint_inputs: str, tokenizer, maskers, split_shards, counts,
+              dropped, ranges: int, base, todo: int, new_shards, token_counts: np.ndarray, started: float) -> dict:
+    settings = cfg.masking.model_dump()
     manifest = {
         "schema_version": shards.SCHEMA_VERSION,
         "created_unix": int(time.time()),
@@ -501,7 +552,8 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
         "masking": {
             # term_ids: the terms as the tokenizer splits them (the trainer's masker needs them)
             "train": settings | {"term_ids": maskers["train"]["term_ids"]},
-            "validation": eval_settings | {"mode": "static"},
+            "validation": {k: maskers["validation"][k] for k in ("strategy", "rate", "mask_fraction", "random_fraction",
+                                                                  "seed")} | {"mode": "static"},
         },
         "splits": {
             s: {
@@ -519,10 +571,10 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
             "repaired_invalid_utf8": counts.get("_repaired_utf8", 0),
             "decoded_as_latin1": counts.get("_latin1", 0),
         },
-        "ranges": len(ranges),
+        "ranges": ranges,
         "nodes_used": len([k for k in counts if k.startswith("_node:")]),
         "increments": (base.get("increments", []) if base else []) + [
-            {"created_unix": int(time.time()), "files_added": len(todo), "shards_added": {s: len(v) for s, v in new_shards.items()}}
+            {"created_unix": int(time.time()), "files_added": todo, "shards_added": {s: len(v) for s, v in new_shards.items()}}
         ],
         "most_frequent_token": {"id": int(token_counts.argmax()), "token": tokenizer.convert_ids_to_tokens(int(token_counts.argmax()))},
         "seconds": round(time.time() - started, 1),
@@ -531,5 +583,79 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
         json.dumps([manifest["inputs_fingerprint"], [x["sha256"] for s in split_shards.values() for x in s],
                     manifest["tokenizer"]["fingerprint"]]).encode()
     ).hexdigest()[:16]
+    return manifest
+
+
+def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: bool = False,
+            ray_dashboard: bool = True) -> dict[str, Any]:
+    """Prepare a dataset in `out_dir` (a local folder or an object-store URI); returns
+    its manifest. Idempotent for identical inputs and config; incremental when the
+    inputs are a dataset's inputs plus new files. `ray_dashboard`: whether a local Ray
+    instance started here runs the dashboard (Ray Train needs it; `mlm prepare` alone
+    does not)."""
+    import tempfile
+
+    from mlm.runtime import ensure_ray, quiet_ray_data
+
+    started = time.time()
+    out_dir = storage.normalize(out_dir)
+    files, skipped, terms = _check_inputs(inputs, cfg)
+    fingerprint_inputs = _input_fingerprint(files, cfg, terms)
+    mode, base = _incremental_base(out_dir, files, cfg, fingerprint_inputs, overwrite)
+    if mode == "done":
+        log.info("dataset in %s is up to date; nothing to do", out_dir)
+        return base
+    storage.makedirs(out_dir)
+    if base:  # extend: keep every listed file, process only the new inputs
+        old = {i["path"] for i in base["inputs"]}
+        todo = [f for f in files if f.path not in old]
+        _clear_unfinished(out_dir, keep=_listed_files(base))
+        reuse_tokenizer = True
+    else:
+        todo = files
+        reuse_tokenizer = not cfg.tokenizer.path and _reusable_tokenizer(out_dir, fingerprint_inputs)
+        _clear_unfinished(out_dir, keep={"tokenizer"} if reuse_tokenizer else set())
+
+    ensure_ray(dashboard=ray_dashboard)
+    quiet_ray_data()
+    ranges = corpus.plan_ranges(todo, cfg.data.read_chunk_bytes)
+    nbytes = _range_bytes(ranges, todo)
+    ranges, staged = _stage_inputs(ranges, todo, out_dir)
+    with tempfile.TemporaryDirectory(prefix="mlm-prepare-") as scratch:
+        tokenizer, tokenizer_json = _tokenizer(out_dir, ranges, cfg, fingerprint_inputs, reuse_tokenizer, scratch)
+        known = np.zeros(0, np.uint64)
+        if base and storage.is_file(storage.join(out_dir, DEDUP_HASHES)):
+            known = np.frombuffer(storage.read_bytes(storage.join(out_dir, DEDUP_HASHES)), dtype="<u8")
+        skips, blobs = (_dedup_skips(ranges, cfg.data.model_dump(), known) if cfg.data.dedup  # hashes only: cheaper
+                        else ([[] for _ in ranges], {}))
+        maskers = _maskers(tokenizer, cfg, terms)
+        # Units of work of an extension are numbered after the dataset's own.
+        first = 1 + max((shards.shard_index(x["file"]) for s in base["splits"].values() for x in s["shards"]),
+                        default=-1) if base else 0
+        new_shards, counts, token_counts = _run_stage(out_dir, ranges, nbytes, skips, first,
+                                                      tokenizer, tokenizer_json, maskers, cfg)
+        _check_visible(out_dir, new_shards)
+        if base and storage.is_file(storage.join(out_dir, TOKEN_COUNTS)):
+            token_counts += np.load(io.BytesIO(storage.read_bytes(storage.join(out_dir, TOKEN_COUNTS))), allow_pickle=False)
+        keep = _listed_files(base) if base else set()
+        split_shards = {s: (base["splits"][s]["shards"] if base else []) + new_shards[s] for s in shards.SPLITS}
+        if base:
+            _add_base_counts(counts, base)
+        dropped = _check_counts(split_shards, counts, cfg, out_dir, keep)
+        # Side files first (each committed on its own), the manifest last.
+        buf = io.BytesIO()
+        np.save(buf, token_counts, allow_pickle=False)
+        shards.atomic_write_bytes(storage.join(out_dir, TOKEN_COUNTS), buf.getvalue())
+        token_counts[np.array(sorted(set(tokenizer.all_special_ids)))] = 0
+        if cfg.data.dedup:
+            kept_hashes = np.concatenate([known] + [np.frombuffer(blobs[i], ">u8").astype("<u8")[
+                np.setdiff1d(np.arange(len(blobs[i]) // 8), skips[i])] for i in range(len(ranges))])
+            shards.atomic_write_bytes(storage.join(out_dir, DEDUP_HASHES), np.sort(kept_hashes).astype("<u8").tobytes())
+        manifest = _manifest(files=files, skipped=skipped, cfg=cfg, fingerprint_inputs=fingerprint_inputs,
+                             tokenizer=tokenizer, maskers=maskers, split_shards=split_shards, counts=counts,
+                             dropped=dropped, ranges=len(ranges), base=base, todo=len(todo), new_shards=new_shards,
+                             token_counts=token_counts, started=started)
     shards.write_manifest(out_dir, manifest)  # last: from now on this folder is a dataset
+    if staged:
+        storage.delete(storage.join(out_dir, STAGED_INPUTS))
     return manifest

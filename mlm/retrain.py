@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from mlm import corpus, shards
+from mlm import corpus, shards, storage
 from mlm.config import Config, config_from_dict
 
 STATE = "state.json"
@@ -57,11 +57,12 @@ def exclusive(path: Path) -> Iterator[str | None]:
         os.close(fd)
 
 
-def dataset_dir(work: Path, cfg: Config) -> Path:
-    """One growing dataset per model and data settings (not per input list)."""
-    from mlm.pipeline import data_key
+def dataset_dir(work: Path, cfg: Config) -> str:
+    """One growing dataset per model and data settings (not per input list), under
+    `paths.data` (a folder or URI)."""
+    from mlm.pipeline import data_key, data_root
 
-    return work / "data" / f"retrain-{cfg.registry.model_name}-{data_key([], cfg)}"
+    return storage.join(data_root(cfg, work), f"retrain-{cfg.registry.model_name}-{data_key([], cfg)}")
 
 
 def changes(files: list[corpus.InputFile], since: dict[str, str]) -> tuple[list[str], list[str]]:
@@ -92,7 +93,7 @@ def retrain(inputs: list[str], cfg: Config, *, from_scratch: bool = False, work:
         state_file = state_dir / STATE
         state = json.loads(state_file.read_text()) if state_file.exists() else {}
         new, changed = changes(files, state.get("inputs", {}))
-        if not new and not changed and (data_dir / shards.MANIFEST).exists() \
+        if not new and not changed and storage.exists(storage.join(data_dir, shards.MANIFEST)) \
                 and state.get("data_fingerprint") == shards.read_manifest(data_dir)["fingerprint"]:
             return {"status": "nothing_new", "reason": f"no new corpus files since retrain of {state.get('finished')}; "
                     f"{name} v{state.get('version')} was trained on this data; nothing done", "data_dir": str(data_dir)}
@@ -102,7 +103,7 @@ def retrain(inputs: list[str], cfg: Config, *, from_scratch: bool = False, work:
         if champion is not None:
             if changed and state:
                 why = f"from scratch (changed or removed inputs rebuild the tokenizer: {', '.join(changed[:3])})"
-            elif (data_dir / shards.MANIFEST).exists() and champion.tags.get("tokenizer_fingerprint") == \
+            elif storage.exists(storage.join(data_dir, shards.MANIFEST)) and champion.tags.get("tokenizer_fingerprint") == \
                     shards.read_manifest(data_dir)["tokenizer"]["fingerprint"]:
                 init, why = f"models:/{name}/{champion.version}", f"warm start from champion v{champion.version}"
             else:

@@ -1,21 +1,24 @@
 """Parquet shard writing, the manifest, and verification.
 
-A dataset is a folder with `manifest.json`; shards are written to a temporary name
-and renamed, and the manifest is written last (also by rename), so a folder without
-a manifest, or a shard without an entry in it, is never taken for data.
+A dataset is a folder (local or an object-store URI, see `mlm.storage`) with
+`manifest.json`; each shard is written to a temporary name and committed by the
+prepare actor that made it, and the manifest is written last by the driver, so a
+folder without a manifest, or a shard without an entry in it, is never taken for data.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from mlm import storage
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -62,30 +65,24 @@ def column_2d(batch: pa.Table | pa.RecordBatch, name: str) -> np.ndarray:
     return col.flatten().to_numpy().reshape(len(col), -1)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def sha256_file(path: str | Path) -> str:
+    return storage.sha256(path)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Temporary name, then commit (local or object store): see `mlm.storage`."""
+    storage.write_bytes(path, data)
 
 
 class ShardWriter:
-    """Buffers rows of one split and writes `{split}-NNNNN.parquet` shards of
-    `rows_per_shard` rows (zstd), each via a temporary name."""
+    """Buffers rows of one split and writes `{split}-{index:05d}-{part:03d}.parquet`
+    shards of at most `rows_per_shard` rows (zstd) into `out_dir` (local or URI), each
+    through a temporary name. `index` numbers the unit of work (an input range), so
+    the names, like the content, do not depend on which worker wrote them."""
 
-    def __init__(self, out_dir: Path, split: str, rows_per_shard: int, first_index: int = 0):
-        self.out_dir, self.split, self.rows_per_shard = Path(out_dir), split, rows_per_shard
-        self.first_index = first_index  # a dataset being extended continues its numbering
+    def __init__(self, out_dir: str | Path, split: str, rows_per_shard: int, index: int = 0):
+        self.out_dir, self.split, self.rows_per_shard = str(out_dir), split, rows_per_shard
+        self.index = index
         self.buffer: list[pa.Table] = []
         self.buffered = 0
         self.shards: list[dict[str, Any]] = []
@@ -105,11 +102,11 @@ class ShardWriter:
         table = pa.concat_tables(self.buffer).combine_chunks()
         head, rest = table.slice(0, rows), table.slice(rows)
         self.buffer, self.buffered = ([rest] if rest.num_rows else []), rest.num_rows
-        name = f"{self.split}-{self.first_index + len(self.shards):05d}.parquet"
-        final = self.out_dir / name
-        tmp = self.out_dir / f".{name}.tmp{os.getpid()}"
-        pq.write_table(head, tmp, compression="zstd", row_group_size=min(rows, 8192))
-        os.replace(tmp, final)
+        name = shard_name(self.split, self.index, len(self.shards))
+        buf = io.BytesIO()
+        pq.write_table(head, buf, compression="zstd", row_group_size=min(rows, 8192))
+        data = buf.getvalue()
+        storage.write_bytes(storage.join(self.out_dir, name), data)
         labels = column_2d(head, "labels")
         self.shards.append(
             {
@@ -117,9 +114,18 @@ class ShardWriter:
                 "rows": head.num_rows,
                 "tokens": int(pc_sum(head.column("num_tokens"))),
                 "masked": int((labels != -100).sum()),
-                "sha256": sha256_file(final),
+                "sha256": hashlib.sha256(data).hexdigest(),
             }
         )
+
+
+def shard_name(split: str, index: int, part: int) -> str:
+    return f"{split}-{index:05d}-{part:03d}.parquet"
+
+
+def shard_index(file: str) -> int:
+    """The unit-of-work number in a shard's name (`train-00012-000.parquet` -> 12)."""
+    return int(file.split("-")[1].split(".")[0])
 
 
 def pc_sum(col: pa.ChunkedArray) -> int:
@@ -128,19 +134,24 @@ def pc_sum(col: pa.ChunkedArray) -> int:
     return pc.sum(col).as_py() or 0
 
 
-def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> None:
     blob = json.dumps(manifest, indent=2, sort_keys=True).encode()
-    atomic_write_bytes(Path(out_dir) / MANIFEST, blob)
+    storage.write_bytes(storage.join(out_dir, MANIFEST), blob)
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
-    path = Path(data_dir) / MANIFEST
-    if not Path(data_dir).is_dir():
-        raise DatasetError(f"no such dataset directory: {data_dir}")
-    if not path.is_file():
-        raise DatasetError(f"{data_dir} is not a dataset: no {MANIFEST} (an unfinished or foreign folder)")
+    path = storage.join(data_dir, MANIFEST)
     try:
-        manifest = json.loads(path.read_text())
+        found = storage.is_file(path)
+        if not found and not storage.is_dir(data_dir):
+            raise DatasetError(f"no such dataset directory: {data_dir}")
+        if not found:
+            raise DatasetError(f"{data_dir} is not a dataset: no {MANIFEST} (an unfinished or foreign folder)")
+        text = storage.read_bytes(path)
+    except storage.StorageError as e:
+        raise DatasetError(str(e)) from None
+    try:
+        manifest = json.loads(text)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path} is not valid JSON: {e}") from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
@@ -149,17 +160,17 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
 
 
 def shard_paths(data_dir: str | Path, split: str, verify: bool = True) -> list[str]:
-    """Absolute paths of a split's shards; with `verify`, sizes and sha256 are checked
-    and a corrupt or missing shard raises an error naming it."""
+    """Paths (absolute, or URIs) of a split's shards; with `verify`, each sha256 is
+    checked and a corrupt or missing shard raises an error naming it."""
     manifest = read_manifest(data_dir)
     out = []
     for shard in manifest["splits"][split]["shards"]:
-        path = Path(data_dir) / shard["file"]
-        if not path.is_file():
+        path = storage.join(data_dir, shard["file"])
+        if not storage.is_file(path):
             raise DatasetError(f"shard missing: {path}")
-        if verify and sha256_file(path) != shard["sha256"]:
+        if verify and storage.sha256(path) != shard["sha256"]:
             raise DatasetError(f"corrupt shard (sha256 mismatch): {path}")
-        out.append(str(path.resolve()))
+        out.append(path)
     return out
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mlm import shards
+from mlm import shards, storage
 from mlm.config import Config, config_from_dict
 
 CHECKPOINT_MODEL = "model"
@@ -96,7 +96,7 @@ def _save_checkpoint(dir_: Path, model, optimizer, step: int, epoch: int, micro_
     while writing is never reported, hence never loaded."""
     import torch
 
-    model.save_pretrained(str(dir_ / CHECKPOINT_MODEL), safe_serialization=True)
+    model.save_pretrained(str(dir_ / CHECKPOINT_MODEL))  # safetensors (the only format in transformers 5)
     torch.save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "micro_batches": micro_batches},
                dir_ / CHECKPOINT_STATE)
 
@@ -344,56 +344,21 @@ def train(
     mlflow_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Train on a prepared dataset with Ray Train; returns a summary with the model
-    directory (`out_dir/model`, HF layout with the tokenizer)."""
+    directory (`out_dir/model`, HF layout with the tokenizer). `data_dir` and `out_dir`
+    may be local folders or object-store URIs; Ray Train's checkpoints go to
+    `out_dir/ray` (on a cluster: a URI every node reaches)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from mlm.runtime import ensure_ray, tracking_uri
-    from mlm.tokenizer import load_tokenizer
+    from mlm.runtime import ensure_ray
 
-    data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
-    manifest = shards.read_manifest(data_dir)
-    train_files = shards.shard_paths(data_dir, "train", verify=True)  # refuses a corrupt shard by name
-    if manifest["seq_len"] > cfg.model.max_position_embeddings:
-        raise shards.DatasetError(
-            f"the data's seq_len {manifest['seq_len']} exceeds model.max_position_embeddings "
-            f"{cfg.model.max_position_embeddings}"
-        )
-    tokenizer = load_tokenizer(data_dir / manifest["tokenizer"]["dir"])
-    if cfg.model.init_from:  # warm start: an MLflow URI is downloaded once, here, not per worker
-        from mlm.model import ModelError, resolve_model_dir
-        from mlm.tokenizer import fingerprint
-
-        init_dir = resolve_model_dir(cfg.model.init_from)
-        if fingerprint(load_tokenizer(init_dir)) != manifest["tokenizer"]["fingerprint"]:
-            raise ModelError(f"model.init_from {cfg.model.init_from} has another tokenizer than the data; "
-                             "prepare the data with its tokenizer (tokenizer.path)")
-        cfg = config_from_dict(cfg.to_dict() | {"model": cfg.to_dict()["model"] | {"init_from": init_dir}})
-    out_dir.mkdir(parents=True, exist_ok=True)
-
+    data_dir, out_dir = storage.normalize(data_dir), storage.normalize(out_dir)
+    manifest, tokenizer, cfg = _check_inputs(data_dir, cfg)
+    storage.makedirs(out_dir)
     ensure_ray()
-    from mlm.bench import flops_per_token
-    from mlm.loader import row_groups
-
-    log_file = out_dir / "train_log.jsonl"
-    loop_config = {
-        "row_groups": [vars(g) for g in row_groups(train_files)],
-        "validation_files": shards.shard_paths(data_dir, "validation", verify=True),
-        "flops_per_token": flops_per_token(cfg, len(tokenizer), manifest["seq_len"]),
-        "log_file": str(log_file),
-        "config": cfg.to_dict(),
-        "vocab_size": len(tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "cls_token_id": tokenizer.cls_token_id,
-        "sep_token_id": tokenizer.sep_token_id,
-        "mlflow_run_id": mlflow_run_id,
-        "tracking_uri": tracking_uri(),
-        "packing": manifest.get("packing", "pack"),
-        "dynamic_masking": _dynamic_masker_spec(manifest, tokenizer),
-    }
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=_loop_config(data_dir, out_dir, manifest, tokenizer, cfg, mlflow_run_id),
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
@@ -401,7 +366,7 @@ def train(
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         run_config=RunConfig(
-            storage_path=str(out_dir / "ray"),
+            storage_path=storage.join(out_dir, "ray"),
             name="train",
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
@@ -412,26 +377,78 @@ def train(
     seconds = time.time() - started
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-
-    # The final checkpoint holds the weights; the driver assembles the model directory
-    # (weights + tokenizer) where the user asked for it.
-    model_dir = out_dir / "model"
-    tmp = out_dir / f".model.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with result.checkpoint.as_directory() as d:
-        shutil.copytree(os.path.join(d, CHECKPOINT_MODEL), tmp)
-    tokenizer.save_pretrained(str(tmp))
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    os.replace(tmp, model_dir)
+    model_dir = _export_model(result.checkpoint, tokenizer, storage.join(out_dir, "model"))
     metrics = dict(result.metrics or {})
     steps = int(metrics.get("step", cfg.train.max_steps))
     tokens_seen = steps * cfg.train.global_batch_size * manifest["seq_len"]
+    scheme = out_dir.split("://", 1)[0] + "://" if storage.is_uri(out_dir) else ""
     return {
-        "model_dir": str(model_dir),
+        "model_dir": model_dir,
         "steps": steps,
         "final_train_loss": metrics.get("train_loss", math.nan),
         "seconds": round(seconds, 1),
         "approx_tokens_per_s": round(tokens_seen / max(seconds, 1e-9)),
-        "checkpoint": result.checkpoint.path,
+        "checkpoint": scheme + result.checkpoint.path,
     }
+
+
+def _check_inputs(data_dir: str, cfg: Config):
+    """The manifest and tokenizer of a sound dataset that fits the model; a warm start's
+    tokenizer checked against the data's. Returns (manifest, tokenizer, cfg)."""
+    from mlm.tokenizer import fingerprint, load_tokenizer
+
+    manifest = shards.read_manifest(data_dir)
+    shards.shard_paths(data_dir, "train", verify=True)  # refuses a corrupt shard by name
+    if manifest["seq_len"] > cfg.model.max_position_embeddings:
+        raise shards.DatasetError(
+            f"the data's seq_len {manifest['seq_len']} exceeds model.max_position_embeddings "
+            f"{cfg.model.max_position_embeddings}"
+        )
+    with storage.local_dir(storage.join(data_dir, manifest["tokenizer"]["dir"])) as tok_dir:
+        tokenizer = load_tokenizer(tok_dir)
+    if cfg.model.init_from:
+        from mlm.model import ModelError, resolve_model_dir
+
+        init_dir = resolve_model_dir(cfg.model.init_from)  # fails here on an unknown model
+        if fingerprint(load_tokenizer(init_dir)) != manifest["tokenizer"]["fingerprint"]:
+            raise ModelError(f"model.init_from {cfg.model.init_from} has another tokenizer than the data; "
+                             "prepare the data with its tokenizer (tokenizer.path)")
+        if not (storage.is_uri(cfg.model.init_from) or cfg.model.init_from.startswith(("models:/", "runs:/"))):
+            # A local folder exists on this node only; a URI each worker resolves on its own node.
+            cfg = config_from_dict(cfg.to_dict() | {"model": cfg.to_dict()["model"] | {"init_from": init_dir}})
+    return manifest, tokenizer, cfg
+
+
+def _loop_config(data_dir: str, out_dir: str, manifest, tokenizer, cfg: Config, mlflow_run_id) -> dict[str, Any]:
+    """What every worker needs: plain data and paths (local or URIs), no open files."""
+    from mlm.bench import flops_per_token
+    from mlm.loader import row_groups
+    from mlm.runtime import tracking_uri
+
+    return {
+        "row_groups": [vars(g) for g in row_groups(shards.shard_paths(data_dir, "train", verify=False))],
+        "validation_files": shards.shard_paths(data_dir, "validation", verify=True),
+        "flops_per_token": flops_per_token(cfg, len(tokenizer), manifest["seq_len"]),
+        # JSON lines of rank 0's metrics, when the run folder is local (MLflow has them too)
+        "log_file": None if storage.is_uri(out_dir) else storage.join(out_dir, "train_log.jsonl"),
+        "config": cfg.to_dict(),
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "cls_token_id": tokenizer.cls_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+        "mlflow_run_id": mlflow_run_id,
+        "tracking_uri": tracking_uri(),
+        "packing": manifest.get("packing", "pack"),
+        "dynamic_masking": _dynamic_masker_spec(manifest, tokenizer),
+    }
+
+
+def _export_model(checkpoint, tokenizer, model_dir: str) -> str:
+    """The final checkpoint's weights + the tokenizer, committed to `model_dir` (local:
+    renamed into place; URI: uploaded with config.json last)."""
+    with tempfile.TemporaryDirectory(prefix="mlm-export-") as tmp:
+        local = os.path.join(tmp, "model")
+        with checkpoint.as_directory() as d:
+            shutil.copytree(os.path.join(d, CHECKPOINT_MODEL), local)
+        tokenizer.save_pretrained(local)
+        return storage.put_dir(local, model_dir, marker="config.json")

@@ -28,7 +28,7 @@ def _dataset(tmp_path, rows=(7, 5, 9), rows_per_shard=6):
 def test_writer_cuts_exact_shards_with_hashes(tmp_path):
     lst = _dataset(tmp_path)
     assert [s["rows"] for s in lst] == [6, 6, 6, 3]
-    assert [s["file"] for s in lst] == [f"train-0000{i}.parquet" for i in range(4)]
+    assert [s["file"] for s in lst] == [f"train-00000-00{i}.parquet" for i in range(4)]
     for s in lst:
         table = pq.read_table(tmp_path / s["file"])
         assert table.num_rows == s["rows"] and s["sha256"] == sha256_file(tmp_path / s["file"])
