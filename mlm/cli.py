@@ -313,7 +313,7 @@ def bench() -> None:
 def bench_train(data_dir, steps, warmup, preset, overrides) -> None:
     """Training tokens/s (and MFU on GPUs) next to the Hugging Face Trainer, same model,
     batch, precision and data."""
-    from mlm.bench import bench_train as run
+    from mlm.bench.train import bench_train as run
     from mlm.corpus import DEFAULT_CORPUS
     from mlm.pipeline import data_key
     from mlm.runtime import work_dir
@@ -349,7 +349,7 @@ def bench_train(data_dir, steps, warmup, preset, overrides) -> None:
 def bench_data(inputs, size_mb, scale, seq_len, work, skip_hf, raw_method, keep_outputs) -> None:
     """Data-stage tokens/s and peak memory (whole process tree) of `mlm prepare` next to raw
     tokenizers and the Hugging Face datasets run_mlm.py way: same corpus, tokenizer and cores."""
-    from mlm.bench_data import bench_data as run
+    from mlm.bench.data import bench_data as run
     from mlm.corpus import InputError
     from mlm.runtime import work_dir
 

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import sysconfig
+import tempfile
 import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -133,11 +134,9 @@ def materialize_builtin(name: str, dest_dir: Path) -> Path:
     dest_dir.mkdir(parents=True, exist_ok=True)
     out = dest_dir / f"{key}.jsonl"
     if not out.exists():
-        tmp = out.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with storage.output_file(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for doc in BUILTINS[key]():
                 f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
     return out
 
 
@@ -227,9 +226,10 @@ def hub_dataset(name: str, work_dir: Path) -> str:
         ds = datasets.load_dataset(repo, config or None, split="train")
     except Exception as e:  # noqa: BLE001 - offline, unknown name, gated...
         raise InputError(f"cannot load {name} from the Hugging Face hub: {str(e).splitlines()[0]}") from None
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    ds.save_to_disk(str(tmp))
-    os.replace(tmp, dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}-") as tmp:
+        ds.save_to_disk(os.path.join(tmp, "ds"))
+        storage.put_dir(os.path.join(tmp, "ds"), dest, move=True)
     return str(dest)
 
 

@@ -15,64 +15,12 @@ from typing import Any
 import numpy as np
 
 from mlm import shards
+from mlm.compute import score
+from mlm.shards import plan_batches, read_batches
 
 
 class EvalError(ValueError):
     pass
-
-
-def plan_batches(files: list[str], batch_size: int) -> list[tuple[str, int, int]]:
-    """The evaluation set as (file, first row, rows) batches, in order. Both engines score
-    exactly these batches, so both give the same sums (and the same re-masking)."""
-    from mlm import storage
-
-    plan = []
-    for f in files:
-        n = storage.parquet_file(f).metadata.num_rows
-        plan += [(f, start, min(batch_size, n - start)) for start in range(0, n, batch_size)]
-    return plan
-
-
-def _read_batches(plan: list[tuple[str, int, int]]):
-    from mlm import storage
-
-    table, current = None, None
-    for f, start, n in plan:
-        if f != current:
-            table, current = storage.parquet_file(f).read(), f
-        yield table.slice(start, n)
-
-
-def score(net, batches, baseline_id: int = -1, device="cpu", max_batches: int | None = None,
-          autocast=None) -> dict[str, float]:
-    """Sums over masked positions: cross-entropy, top-1/top-5 hits, hits of always
-    predicting `baseline_id`, count. Shared by evaluation and in-training validation."""
-    import contextlib
-
-    import torch
-
-    from mlm.model import prediction_head
-    from mlm.train import batch_to_tensors
-
-    net.eval()
-    out = {"loss_sum": 0.0, "top1": 0, "top5": 0, "baseline": 0, "n": 0}
-    with torch.inference_mode(), (autocast or contextlib.nullcontext()):
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            t = batch_to_tensors(batch, device)
-            hidden = net.base_model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).last_hidden_state
-            selected = t["labels"] != -100
-            # The prediction head runs only where a token is to be predicted.
-            logits = prediction_head(net)(hidden[selected]).float()
-            labels = t["labels"][selected]
-            out["loss_sum"] += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-            best5 = logits.topk(5, dim=-1).indices
-            out["top1"] += int((best5[:, 0] == labels).sum())
-            out["top5"] += int((best5 == labels[:, None]).any(dim=-1).sum())
-            out["baseline"] += int((labels == baseline_id).sum())
-            out["n"] += int(labels.numel())
-    return out
 
 
 # The fixed evaluation set is masked with `random`; these are also scored, on the same
@@ -102,9 +50,9 @@ def _score_all(net, tokenizer, manifest: dict[str, Any], plan: list[tuple[str, i
     """Sums for the evaluation masking ("random") and each re-masked strategy."""
     baseline = manifest["most_frequent_token"]["id"]
     plan = plan[:max_batches] if max_batches is not None else plan
-    out = {"random": score(net, _read_batches(plan), baseline)}
+    out = {"random": score(net, read_batches(plan), baseline)}
     for strategy in OTHER_STRATEGIES:
-        out[strategy] = score(net, _remasked(_read_batches(plan), tokenizer, manifest, strategy, first_index))
+        out[strategy] = score(net, _remasked(read_batches(plan), tokenizer, manifest, strategy, first_index))
     return out
 
 
@@ -137,7 +85,7 @@ def _score_on_ray(model: str, manifest: dict[str, Any], plan: list[tuple[str, in
     items = [{"index": i, "file": f, "start": start, "rows": n} for i, (f, start, n) in enumerate(plan)]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _RayScorer, fn_constructor_kwargs={"model": model, "manifest": manifest}, batch_size=1, batch_format="numpy",
-        concurrency=max(1, min(len(items), int(ray.cluster_resources().get("CPU", 1)))),
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(len(items), int(ray.cluster_resources().get("CPU", 1))))),
     )
     total: dict[str, dict[str, float]] = {}
     for row in ds.iter_rows():

@@ -41,10 +41,8 @@ def _parity_batches(data_dir: str | None, tokenizer, batch_size: int, max_batche
     from mlm import shards
 
     if data_dir:
-        from mlm.evaluate import _read_batches, plan_batches
-
         files = shards.shard_paths(data_dir, "validation", verify=True)
-        for batch in _read_batches(plan_batches(files, batch_size)[:max_batches]):
+        for batch in shards.read_batches(shards.plan_batches(files, batch_size)[:max_batches]):
             ids, labels = shards.column_2d(batch, "input_ids"), shards.column_2d(batch, "labels")
             n = np.asarray(batch.column("num_tokens"))
             mask = (np.arange(ids.shape[1])[None, :] < n[:, None]).astype(np.int64)

@@ -35,10 +35,6 @@ class FillMask:
         return [[{"token": p["token_str"], "score": float(p["score"]), "sequence": p["sequence"]} for p in m] for m in per_mask]
 
 
-def fill_mask(text: str, model: str, top_k: int = 5) -> list[list[dict[str, Any]]]:
-    return FillMask(model)(text, top_k)
-
-
 class _BatchPredictor:
     """Ray Data stage: a batch of lines -> one JSON answer per line (fill-mask
     predictions, or a mean-pooled embedding), the model loaded once per actor."""

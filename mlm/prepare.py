@@ -645,12 +645,12 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
         # Side files first (each committed on its own), the manifest last.
         buf = io.BytesIO()
         np.save(buf, token_counts, allow_pickle=False)
-        shards.atomic_write_bytes(storage.join(out_dir, TOKEN_COUNTS), buf.getvalue())
+        storage.write_bytes(storage.join(out_dir, TOKEN_COUNTS), buf.getvalue())
         token_counts[np.array(sorted(set(tokenizer.all_special_ids)))] = 0
         if cfg.data.dedup:
             kept_hashes = np.concatenate([known] + [np.frombuffer(blobs[i], ">u8").astype("<u8")[
                 np.setdiff1d(np.arange(len(blobs[i]) // 8), skips[i])] for i in range(len(ranges))])
-            shards.atomic_write_bytes(storage.join(out_dir, DEDUP_HASHES), np.sort(kept_hashes).astype("<u8").tobytes())
+            storage.write_bytes(storage.join(out_dir, DEDUP_HASHES), np.sort(kept_hashes).astype("<u8").tobytes())
         manifest = _manifest(files=files, skipped=skipped, cfg=cfg, fingerprint_inputs=fingerprint_inputs,
                              tokenizer=tokenizer, maskers=maskers, split_shards=split_shards, counts=counts,
                              dropped=dropped, ranges=len(ranges), base=base, todo=len(todo), new_shards=new_shards,

@@ -18,13 +18,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 from mlm.config import Config
+from mlm.resolve import download_model_dir  # noqa: F401 - models:/ URIs -> model dirs, at the model layer
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"  # registered-model tag: JSON list of champion versions, oldest first
@@ -251,56 +251,6 @@ def _alias_version(client, name: str, alias: str):
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
-
-
-def download_model_dir(uri: str) -> str:
-    """Download an MLflow transformers-flavor model and lay it out as a plain Hugging
-    Face model directory (weights, config, tokenizer). Cached per resolved version."""
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from mlm.model import ModelError
-    from mlm.runtime import tracking_uri, work_dir
-
-    mlflow.set_tracking_uri(tracking_uri())
-    key = uri.replace(":/", "_").replace("/", "_").replace("@", "_")
-    if uri.startswith("models:/"):
-        # Resolve aliases to a version so a moved alias never serves a stale cache.
-        body = uri[len("models:/"):]
-        client = MlflowClient()
-        try:
-            if "@" in body:
-                name, alias = body.split("@", 1)
-                mv = client.get_model_version_by_alias(name, alias)
-            elif "/" in body:
-                name, ver = body.rsplit("/", 1)
-                mv = client.get_model_version(name, ver)
-            else:
-                raise ModelError(f"bad model URI {uri!r}: use models:/NAME@ALIAS or models:/NAME/VERSION")
-        except MlflowException:
-            raise ModelError(f"unknown model {uri!r} in {tracking_uri()}") from None
-        key = f"{mv.name}-v{mv.version}"
-    dest = work_dir() / "model-cache" / key
-    if (dest / "config.json").is_file():
-        return str(dest)
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp / "raw")))
-    except MlflowException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ModelError(f"cannot load {uri!r}: {str(e).splitlines()[0]}") from None
-    hf = tmp / "hf"
-    shutil.copytree(local / "model", hf)
-    tok = local / "components" / "tokenizer"
-    if tok.is_dir():
-        shutil.copytree(tok, hf, dirs_exist_ok=True)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(hf, dest)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return str(dest)
 
 
 def describe(name: str) -> dict[str, Any]:

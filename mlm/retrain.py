@@ -116,7 +116,7 @@ def retrain(inputs: list[str], cfg: Config, *, from_scratch: bool = False, work:
                  "version": result["registered"]["version"],
                  "alias": result["registered"]["alias"], "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                  "pipeline_run_id": result["pipeline_run_id"]}
-        shards.atomic_write_bytes(state_file, json.dumps(state, indent=2).encode())
+        storage.write_bytes(state_file, json.dumps(state, indent=2).encode())
         return result | {"status": "registered", "new_files": new, "changed_files": changed, "init": init or "scratch",
                          "init_reason": why}
 

@@ -69,11 +69,6 @@ def sha256_file(path: str | Path) -> str:
     return storage.sha256(path)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Temporary name, then commit (local or object store): see `mlm.storage`."""
-    storage.write_bytes(path, data)
-
-
 class ShardWriter:
     """Buffers rows of one split and writes `{split}-{index:05d}-{part:03d}.parquet`
     shards of at most `rows_per_shard` rows (zstd) into `out_dir` (local or URI), each
@@ -157,6 +152,26 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DatasetError(f"{path}: schema_version {manifest.get('schema_version')} is not {SCHEMA_VERSION}")
     return manifest
+
+
+def plan_batches(files: list[str], batch_size: int) -> list[tuple[str, int, int]]:
+    """Shards as (file, first row, rows) batches, in order: the evaluation set's batches.
+    Every engine that scores them (local, Ray Data, in-training validation, the ONNX
+    parity check) reads exactly these."""
+    plan = []
+    for f in files:
+        n = storage.parquet_file(f).metadata.num_rows
+        plan += [(f, start, min(batch_size, n - start)) for start in range(0, n, batch_size)]
+    return plan
+
+
+def read_batches(plan: list[tuple[str, int, int]]):
+    """The pyarrow tables of a `plan_batches` plan, each file read once."""
+    table, current = None, None
+    for f, start, n in plan:
+        if f != current:
+            table, current = storage.parquet_file(f).read(), f
+        yield table.slice(start, n)
 
 
 def shard_paths(data_dir: str | Path, split: str, verify: bool = True) -> list[str]:

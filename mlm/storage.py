@@ -264,17 +264,25 @@ def sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def put_dir(local_dir: str | os.PathLike, dest: str | os.PathLike, marker: str | None = None) -> str:
+def put_dir(local_dir: str | os.PathLike, dest: str | os.PathLike, marker: str | None = None,
+            move: bool = False) -> str:
     """Copy a local folder to `dest`, replacing what was there. Local: copied beside it
-    under a temporary name and renamed into place. Object store: the old objects are
-    removed, then every file is uploaded, `marker` (e.g. config.json) last, so the
-    folder counts as complete only once everything else is there."""
+    under a temporary name and renamed into place (with `move`, `local_dir` itself is
+    renamed into place when it is on the same file system: no copy). Object store: the
+    old objects are removed, then every file is uploaded, `marker` (e.g. config.json)
+    last, so the folder counts as complete only once everything else is there."""
     dest = normalize(dest)
     local_dir = os.path.abspath(local_dir)
     if not is_uri(dest):
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
         tmp = _tmp_name(dest)
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(local_dir, tmp)
+        try:
+            if not move:
+                raise OSError
+            os.rename(local_dir, tmp)
+        except OSError:  # not asked, or another file system
+            shutil.copytree(local_dir, tmp)
         if os.path.exists(dest):
             shutil.rmtree(dest)
         os.replace(tmp, dest)

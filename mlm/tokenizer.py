@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from itertools import chain
@@ -234,20 +233,24 @@ def _check(tokenizer, expected: int | None = None) -> None:
 
 
 def save_tokenizer(tokenizer, out_dir: Path) -> None:
-    """Save atomically: a temporary folder renamed into place."""
+    """Save to a local folder, committed whole (`mlm.storage.put_dir`: a temporary folder
+    renamed into place)."""
+    import tempfile
+
+    from mlm import storage
+
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(tokenizer, TokenizerView):  # its files, as they are
-        tmp.mkdir(parents=True)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (tokenizer.path / name).is_file():
-                shutil.copy2(tokenizer.path / name, tmp / name)
-    else:
-        tokenizer.save_pretrained(str(tmp))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-") as scratch:
+        tmp = Path(scratch) / "tokenizer"
+        if isinstance(tokenizer, TokenizerView):  # its files, as they are
+            tmp.mkdir()
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                if (tokenizer.path / name).is_file():
+                    shutil.copy2(tokenizer.path / name, tmp / name)
+        else:
+            tokenizer.save_pretrained(str(tmp))
+        storage.put_dir(tmp, out_dir, move=True)
 
 
 class TokenizerView:

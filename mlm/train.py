@@ -9,17 +9,19 @@ marked with `is_rank0`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import Any, Callable, NamedTuple
 
 from mlm import shards, storage
+from mlm.compute import batch_to_tensors, device_peak_flops, flops_per_token, mfu, score
 from mlm.config import Config, config_from_dict
 
 CHECKPOINT_MODEL = "model"
@@ -41,44 +43,6 @@ def get_lr(step: int, cfg) -> float:
     return cfg.learning_rate * (1.0 - progress)
 
 
-# Dense bf16 peak FLOP/s per device, for model FLOPs utilization (no entry: no MFU).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}
-
-
-def peak_flops(device) -> float | None:
-    import torch
-
-    if getattr(device, "type", device) != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-def batch_to_tensors(batch, device, masker=None, seed: int = 0, epoch: int = 0) -> dict[str, Any]:
-    """A pyarrow batch of shard rows -> input_ids, attention_mask, labels tensors [B, L].
-
-    With a `masker` (dynamic masking) the stored ids are unmasked and are masked here,
-    per row, from (seed, epoch, row). Columns past the longest row are cut off: padded
-    (length-binned) data then costs only what its rows hold."""
-    import torch
-
-    ids = shards.column_2d(batch, "input_ids")
-    num_tokens = np.asarray(batch.column("num_tokens"))
-    if masker is not None:
-        ids, labels = masker.dynamic(ids, num_tokens, seed, epoch)
-    else:
-        labels = shards.column_2d(batch, "labels")
-    longest = int(num_tokens.max()) if len(num_tokens) else ids.shape[1]
-    ids, labels = ids[:, :longest], labels[:, :longest]
-    attention = (np.arange(ids.shape[1])[None, :] < num_tokens[:, None]).astype(np.int64)
-    return {
-        "input_ids": torch.from_numpy(ids.astype(np.int64)).to(device),
-        "attention_mask": torch.from_numpy(attention).to(device),
-        "labels": torch.from_numpy(labels.astype(np.int64)).to(device),
-        "tokens": int(num_tokens.sum()),
-    }
-
-
 def _param_groups(model, weight_decay: float):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -86,6 +50,62 @@ def _param_groups(model, weight_decay: float):
             continue
         (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model, tc, device):
+    """AdamW as BERT/RoBERTa pretraining uses it: betas (0.9, 0.98), eps 1e-6, no weight
+    decay on biases and LayerNorms; the fused kernel on GPU."""
+    import torch
+
+    return torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.learning_rate, betas=(0.9, 0.98), eps=1e-6,
+                             fused=getattr(device, "type", device) == "cuda")
+
+
+class StepResult(NamedTuple):
+    losses: list[float]  # per micro-batch
+    tokens: int
+    grad_norm: Any  # a 0-d tensor: read it only when it is logged (reading waits for the GPU)
+
+
+def train_step(model, optimizer, micro_batches: list[dict[str, Any]], *, lr: float, grad_clip: float, autocast,
+               dropout_seed: Callable[[int], int] | None = None) -> StepResult:
+    """One optimizer step: forward/backward over the step's micro-batches (gradient
+    accumulation; under DDP gradients are all-reduced only on the last one), the learning
+    rate set to `lr`, the global gradient norm clipped to `grad_clip` (0: not clipped,
+    the norm is still measured), AdamW's update. The training loop and `mlm bench train`
+    both run exactly this. `dropout_seed(i)`: the seed set before micro-batch i."""
+    import torch
+
+    losses, tokens, n = [], 0, len(micro_batches)
+    for i, inputs in enumerate(micro_batches):
+        if dropout_seed is not None:
+            torch.manual_seed(dropout_seed(i))
+        last = i == n - 1
+        with (model.no_sync() if (not last and hasattr(model, "no_sync")) else contextlib.nullcontext()):
+            with autocast:  # bf16 matmuls on GPU; the loss itself is computed in float32
+                loss = model(inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+            (loss / n).backward()
+        losses.append(float(loss.detach()))
+        tokens += inputs["tokens"]
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(losses, tokens, grad_norm)
+
+
+def dropout_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """Dropout draws from (seed, step, micro-batch, rank): no RNG state to checkpoint, and
+    a resumed run draws exactly what an uninterrupted one would have."""
+    return hash((seed, step, micro, rank)) & 0x7FFFFFFF
+
+
+def autocast_for(device):
+    """bf16 autocast on GPU, nothing on CPU (float32)."""
+    import torch
+
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def _save_checkpoint(dir_: Path, model, optimizer, step: int, epoch: int, micro_batches: int) -> None:
@@ -103,11 +123,9 @@ def _save_checkpoint(dir_: Path, model, optimizer, step: int, epoch: int, micro_
 
 def validate(model, loop_config: dict[str, Any], device, autocast) -> dict[str, float]:
     """Masked loss, accuracy and perplexity on the first validation batches (rank 0)."""
-    from mlm.evaluate import _read_batches, plan_batches, score
-
     cfg = config_from_dict(loop_config["config"])
-    plan = plan_batches(loop_config["validation_files"], cfg.eval.batch_size)[: cfg.train.validate_batches]
-    c = score(model, _read_batches(plan), device=device, autocast=autocast)
+    plan = shards.plan_batches(loop_config["validation_files"], cfg.eval.batch_size)[: cfg.train.validate_batches]
+    c = score(model, shards.read_batches(plan), device=device, autocast=autocast)
     loss = c["loss_sum"] / max(1, c["n"])
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_top1_accuracy": c["top1"] / max(1, c["n"])}
 
@@ -126,184 +144,257 @@ def _agree(flag: bool, world_size: int) -> bool:
     return bool(t.item())
 
 
-def _record(loop_config: dict[str, Any], client, metrics: dict[str, float], step: int) -> None:
-    """Rank 0's metrics: to MLflow, and as JSON lines in the run folder when this node
-    can write there (always on one machine; on a cluster when it is shared storage)."""
-    import json
+# ---------------------------------------------------------------- the worker's loop
 
-    if client:
-        _log_metrics(client, loop_config["mlflow_run_id"], metrics, step)
-    path = loop_config.get("log_file")
-    if path and os.path.isdir(os.path.dirname(path)):
-        with open(path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+@dataclass
+class _Worker:
+    """Where this training worker stands: rank, world size, device, and its run."""
+
+    loop_config: dict[str, Any]
+    cfg: Config
+    rank: int
+    world_size: int
+    device: Any
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def accumulation(self) -> int:
+        tc = self.cfg.train
+        return tc.global_batch_size // (tc.micro_batch_size * self.world_size)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Build or resume the model -> wrap it for DDP -> stream this worker's micro-batches
+    -> step, log, validate, checkpoint until max_steps (or early stopping)."""
     import ray.train
     import ray.train.torch
     import torch
+
+    ctx = ray.train.get_context()
+    w = _Worker(loop_config, config_from_dict(loop_config["config"]), ctx.get_world_rank(), ctx.get_world_size(),
+                ray.train.torch.get_device())
+    torch.manual_seed(w.cfg.train.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
+    raw_model, start_step, opt_state = _model_and_position(w)
+    model = _distributed_objective(raw_model, w.cfg.train)
+    optimizer = build_optimizer(raw_model, w.cfg.train, w.device)
+    if opt_state:
+        optimizer.load_state_dict(opt_state)
+    stream = _input_stream(w, start_step * w.accumulation)
+    log = _StepLog(w, stream, start_step, flops_per_token(raw_model, loop_config["seq_len"]), device_peak_flops(w.device))
+    try:
+        _run_steps(w, raw_model, model, optimizer, stream, log, start_step)
+    finally:
+        stream.close()
+        log.close()
+
+
+def _model_and_position(w: _Worker):
+    """(model, step to start from, optimizer state): the last checkpoint's when Ray Train
+    restarts the run after a failure, else a new model (or the warm start's)."""
+    import ray.train
+    import torch
     from transformers import AutoModelForMaskedLM
 
-    from mlm.loader import EpochPlan, Prefetcher, RowGroup, worker_batches
-    from mlm.masking import Masker
-    from mlm.model import build_model, masked_lm_objective
+    from mlm.model import build_model
 
-    cfg: Config = config_from_dict(loop_config["config"])
-    tc = cfg.train
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    is_rank0 = rank == 0
-    device = ray.train.torch.get_device()
-    torch.manual_seed(tc.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
-
-    # ---- model, optimizer, resume
-    start_step, opt_state = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             model = AutoModelForMaskedLM.from_pretrained(os.path.join(d, CHECKPOINT_MODEL))
             state = torch.load(os.path.join(d, CHECKPOINT_STATE), weights_only=True, map_location="cpu")
-        start_step, opt_state = state["step"], state["optimizer"]
-    else:
-        model = build_model(cfg.model, loop_config["vocab_size"], loop_config["pad_token_id"],
-                            loop_config["cls_token_id"], loop_config["sep_token_id"])
-    raw_model = model
-    # DDP wraps the objective (encoder + sparse head), so gradients sync through it.
+        return model, state["step"], state["optimizer"]
+    c = w.loop_config
+    return build_model(w.cfg.model, c["vocab_size"], c["pad_token_id"], c["cls_token_id"], c["sep_token_id"]), 0, None
+
+
+def _distributed_objective(raw_model, tc):
+    """The masked-LM objective (encoder + sparse head), compiled if asked, wrapped by
+    Ray Train for DDP (gloo on CPU, NCCL on GPU) so gradients sync through it."""
+    import ray.train.torch
+    import torch
+
+    from mlm.model import masked_lm_objective
+
     objective = masked_lm_objective(raw_model)
     if tc.compile:  # fused kernels; the first steps pay for compilation
         objective = torch.compile(objective)
-    model = ray.train.torch.prepare_model(objective)  # gloo on CPU, NCCL on GPU
-    optimizer = torch.optim.AdamW(
-        _param_groups(raw_model, tc.weight_decay), lr=tc.learning_rate, betas=(0.9, 0.98), eps=1e-6,
-        fused=device.type == "cuda",
-    )
-    if opt_state:
-        optimizer.load_state_dict(opt_state)
+    return ray.train.torch.prepare_model(objective)
 
-    # ---- metrics sink (rank 0 only)
-    mlflow_client = None
-    if is_rank0 and loop_config.get("mlflow_run_id"):
-        from mlflow.tracking import MlflowClient
 
-        mlflow_client = MlflowClient(tracking_uri=loop_config["tracking_uri"])
-    system_metrics = None
-    if mlflow_client and loop_config.get("system_metrics", True):
-        # MLflow system metrics (CPU, memory, GPU with pynvml) of the node that runs rank 0,
-        # logged to the train run as system/... every 10 s.
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+def _input_stream(w: _Worker, first: int):
+    """This worker's micro-batches as tensors, from global micro-batch number `first` on,
+    epoch after epoch, read ahead in a background thread: (epoch, inputs) items."""
+    from mlm.loader import EpochPlan, Prefetcher, RowGroup, worker_batches
+    from mlm.masking import Masker
 
-        system_metrics = SystemMetricsMonitor(loop_config["mlflow_run_id"], sampling_interval=10,
-                                              resume_logging=start_step > 0, node_id="rank0",
-                                              tracking_uri=loop_config["tracking_uri"])
-        system_metrics.start()
-
-    accumulation = tc.global_batch_size // (tc.micro_batch_size * world_size)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    masker = Masker(loop_config["dynamic_masking"]) if loop_config.get("dynamic_masking") else None
-    groups = [RowGroup(**g) for g in loop_config["row_groups"]]
-    # Length-binned (padded) data keeps its bins: groups and rows are not shuffled.
-    shuffle = loop_config.get("packing", "pack") == "pack"
-    per_epoch = EpochPlan(groups, tc.seed, 0, tc.micro_batch_size, world_size).micro_batches_per_worker
+    tc, spec = w.cfg.train, w.loop_config.get("dynamic_masking")
+    masker = Masker(spec) if spec else None
+    groups = [RowGroup(**g) for g in w.loop_config["row_groups"]]
+    shuffle = w.loop_config.get("packing", "pack") == "pack"  # length-binned (padded) data keeps its bins
+    per_epoch = EpochPlan(groups, tc.seed, 0, tc.micro_batch_size, w.world_size).micro_batches_per_worker
     if per_epoch == 0:
         raise RuntimeError("the training split is smaller than train.micro_batch_size x train.num_workers")
 
-    def micro_batches(first: int):
-        """This worker's micro-batches from global number `first` on, epoch after epoch,
-        as (epoch, pyarrow table); the position alone decides what comes next."""
+    def micro_batches():
+        # the position alone decides what comes next
         epoch, offset = divmod(first, per_epoch)
         while True:
-            plan = EpochPlan(groups, tc.seed, epoch, tc.micro_batch_size, world_size, shuffle)
-            for table in worker_batches(plan, rank, offset):
+            plan = EpochPlan(groups, tc.seed, epoch, tc.micro_batch_size, w.world_size, shuffle)
+            for table in worker_batches(plan, w.rank, offset):
                 yield epoch, table
             epoch, offset = epoch + 1, 0
 
     def to_inputs(item):
         epoch, table = item
-        return epoch, batch_to_tensors(table, device, masker, masker.spec["seed"] if masker else 0, epoch)
+        return epoch, batch_to_tensors(table, w.device, masker, masker.spec["seed"] if masker else 0, epoch)
 
-    step = start_step
-    stream = Prefetcher(micro_batches(step * accumulation), to_inputs, depth=tc.prefetch_batches)
-    window_tokens, window_start, loss_sum, loss_count = 0, time.time(), 0.0, 0
-    wait_mark, run_start = 0.0, time.time()
-    flops_per_token, peak = loop_config.get("flops_per_token"), peak_flops(device)
-    best_val, evals_without_gain = math.inf, 0
-    model.train()
-    micro = 0
+    return Prefetcher(micro_batches(), to_inputs, depth=tc.prefetch_batches)
+
+
+def _steps(stream, accumulation: int):
+    """(epoch of the step's last micro-batch, the step's micro-batches), step by step."""
+    batch: list = []
     for epoch, inputs in stream:
-        # Dropout draws from (seed, step, micro-batch, rank): no RNG state to checkpoint,
-        # and a resumed run draws exactly what an uninterrupted one would have.
-        torch.manual_seed(hash((tc.seed, step, micro, rank)) & 0x7FFFFFFF)
-        micro += 1
-        sync = micro % accumulation == 0
-        # Gradients are all-reduced only on the last micro-batch of a step.
-        with (model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()):
-            with autocast:  # bf16 matmuls on GPU; the loss itself is computed in float32
-                loss = model(inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
-            (loss / accumulation).backward()
-        loss_sum += float(loss.detach())
-        loss_count += 1
-        window_tokens += inputs["tokens"]
-        if not sync:
-            continue
-        micro = 0
+        batch.append(inputs)
+        if len(batch) == accumulation:
+            yield epoch, batch
+            batch = []
+
+
+def _run_steps(w: _Worker, raw_model, model, optimizer, stream, log: "_StepLog", step: int) -> None:
+    tc = w.cfg.train
+    autocast = autocast_for(w.device)
+    stopper = _EarlyStopping(tc.early_stopping_patience)
+    model.train()
+    for epoch, micro_batches in _steps(stream, w.accumulation):
         lr = get_lr(step, tc)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        result = train_step(model, optimizer, micro_batches, lr=lr, grad_clip=tc.grad_clip, autocast=autocast,
+                            dropout_seed=functools.partial(dropout_seed, tc.seed, step, w.rank))
         step += 1
-
+        log.add(result)
         if step % tc.log_every == 0 or step == tc.max_steps:
-            elapsed = time.time() - window_start
-            tokens_per_s = window_tokens * world_size / max(elapsed, 1e-9)  # equal batches on every rank
-            metrics = {
-                "train_loss": loss_sum / max(1, loss_count),
-                "learning_rate": lr,
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": tokens_per_s,
-                "data_wait_fraction": (stream.wait_s - wait_mark) / max(elapsed, 1e-9),
-                "epoch": epoch,
-            }
-            if flops_per_token and peak:
-                metrics["mfu"] = tokens_per_s / world_size * flops_per_token / peak
-            if is_rank0:
-                eta = (time.time() - run_start) / max(1, step - start_step) * (tc.max_steps - step)
-                print(
-                    f"step {step}/{tc.max_steps} loss {metrics['train_loss']:.4f} lr {lr:.2e} "
-                    f"tok/s {tokens_per_s:,.0f} data-wait {metrics['data_wait_fraction']:.0%} eta {eta:,.0f}s",
-                    flush=True,
-                )
-                _record(loop_config, mlflow_client, metrics, step)
-            window_tokens, window_start, loss_sum, loss_count = 0, time.time(), 0.0, 0
-            wait_mark = stream.wait_s
-
+            log.emit(step, lr, result.grad_norm, epoch)
         stop = False
         if tc.validate_every and (step % tc.validate_every == 0 or step == tc.max_steps):
-            val = validate(raw_model, loop_config, device, autocast) if is_rank0 else {}
-            if is_rank0:
-                _record(loop_config, mlflow_client, val, step)
-                improved = val["val_loss"] < best_val - 1e-6
-                best_val, evals_without_gain = (val["val_loss"], 0) if improved else (best_val, evals_without_gain + 1)
-                stop = bool(tc.early_stopping_patience) and evals_without_gain >= tc.early_stopping_patience
-            stop = _agree(stop, world_size)  # every rank stops at the same step
+            stop = _validate_on_rank0(w, raw_model, log, stopper, step, autocast)
             model.train()
-
         if step % tc.checkpoint_every == 0 or step == tc.max_steps or stop:
-            # Every rank reports (Ray Train V2 needs equal calls); only rank 0 writes files.
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
-                if is_rank0:
-                    _save_checkpoint(Path(tmp), raw_model, optimizer, step, epoch, step * accumulation)
-                    ckpt = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report({"step": step, "train_loss": float(loss.detach()), "epoch": epoch,
-                                  "early_stopped": stop}, checkpoint=ckpt)
+            _report(w, raw_model, optimizer, step, epoch, result.losses[-1], stop)
         if step >= tc.max_steps or stop:
             break
-    stream.close()
-    if system_metrics:
-        system_metrics.finish()
+
+
+class _EarlyStopping:
+    """Stop after `patience` validations without a new best loss (0: never)."""
+
+    def __init__(self, patience: int):
+        self.patience, self.best, self.without_gain = patience, math.inf, 0
+
+    def update(self, val_loss: float) -> bool:
+        improved = val_loss < self.best - 1e-6
+        self.best, self.without_gain = (val_loss, 0) if improved else (self.best, self.without_gain + 1)
+        return bool(self.patience) and self.without_gain >= self.patience
+
+
+def _validate_on_rank0(w: _Worker, raw_model, log: "_StepLog", stopper: _EarlyStopping, step: int, autocast) -> bool:
+    """Rank 0 validates and decides on early stopping; every rank returns its decision."""
+    stop = False
+    if w.is_rank0:
+        val = validate(raw_model, w.loop_config, w.device, autocast)
+        log.record(val, step)
+        stop = stopper.update(val["val_loss"])
+    return _agree(stop, w.world_size)  # every rank stops at the same step
+
+
+def _report(w: _Worker, raw_model, optimizer, step: int, epoch: int, loss: float, stop: bool) -> None:
+    """A checkpoint: every rank reports (Ray Train V2 needs equal calls); only rank 0
+    writes files."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if w.is_rank0:
+            _save_checkpoint(Path(tmp), raw_model, optimizer, step, epoch, step * w.accumulation)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({"step": step, "train_loss": loss, "epoch": epoch, "early_stopped": stop}, checkpoint=ckpt)
+
+
+class _StepLog:
+    """The training metrics of a window of `log_every` steps (loss, learning rate, grad
+    norm, tokens/s, data-wait share, MFU), and rank 0's sinks: the MLflow run (with the
+    node's system metrics), a JSON-lines file in the run folder when this node can write
+    there, and the progress line on stderr."""
+
+    def __init__(self, w: _Worker, stream, start_step: int, flops: float | None, peak: float | None):
+        self.w, self.stream, self.start_step, self.flops, self.peak = w, stream, start_step, flops, peak
+        self.run_start = time.time()
+        self._reset()
+        self.client = self._start_mlflow() if w.is_rank0 and w.loop_config.get("mlflow_run_id") else None
+
+    def _reset(self) -> None:
+        self.tokens, self.started, self.loss_sum, self.loss_count = 0, time.time(), 0.0, 0
+        self.wait_mark = self.stream.wait_s
+
+    def _start_mlflow(self):
+        """The stage's run, resumed in this process with MLflow's system metrics (CPU,
+        memory, GPU with pynvml) of rank 0's node, logged as system/... every 10 s."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.w.loop_config["tracking_uri"])
+        mlflow.set_system_metrics_sampling_interval(10)
+        mlflow.set_system_metrics_node_id("rank0")
+        mlflow.start_run(run_id=self.w.loop_config["mlflow_run_id"], log_system_metrics=True)
+        return mlflow.MlflowClient(tracking_uri=self.w.loop_config["tracking_uri"])
+
+    def close(self) -> None:
+        if self.client:
+            import mlflow
+
+            mlflow.end_run()  # stops the system-metrics thread; the driver ends the run again, as finished
+
+    def add(self, result: StepResult) -> None:
+        self.loss_sum += sum(result.losses)
+        self.loss_count += len(result.losses)
+        self.tokens += result.tokens
+
+    def emit(self, step: int, lr: float, grad_norm, epoch: int) -> None:
+        tc, world = self.w.cfg.train, self.w.world_size
+        elapsed = time.time() - self.started
+        tokens_per_s = self.tokens * world / max(elapsed, 1e-9)  # equal batches on every rank
+        metrics = {
+            "train_loss": self.loss_sum / max(1, self.loss_count),
+            "learning_rate": lr,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": tokens_per_s,
+            "data_wait_fraction": (self.stream.wait_s - self.wait_mark) / max(elapsed, 1e-9),
+            "epoch": epoch,
+        }
+        utilization = mfu(tokens_per_s / world, self.flops, self.peak)
+        if utilization is not None:
+            metrics["mfu"] = utilization
+        if self.w.is_rank0:
+            eta = (time.time() - self.run_start) / max(1, step - self.start_step) * (tc.max_steps - step)
+            print(f"step {step}/{tc.max_steps} loss {metrics['train_loss']:.4f} lr {lr:.2e} "
+                  f"tok/s {tokens_per_s:,.0f} data-wait {metrics['data_wait_fraction']:.0%} eta {eta:,.0f}s",
+                  file=sys.stderr, flush=True)
+            self.record(metrics, step)
+        self._reset()
+
+    def record(self, metrics: dict[str, float], step: int) -> None:
+        """Rank 0's metrics: to MLflow, and as JSON lines in the run folder when this
+        node can write there (always on one machine; on a cluster when it is shared)."""
+        import json
+
+        if self.client:
+            _log_metrics(self.client, self.w.loop_config["mlflow_run_id"], metrics, step)
+        path = self.w.loop_config.get("log_file")
+        if path and os.path.isdir(os.path.dirname(path)):
+            with open(path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
 def _log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -421,14 +512,13 @@ def _check_inputs(data_dir: str, cfg: Config):
 
 def _loop_config(data_dir: str, out_dir: str, manifest, tokenizer, cfg: Config, mlflow_run_id) -> dict[str, Any]:
     """What every worker needs: plain data and paths (local or URIs), no open files."""
-    from mlm.bench import flops_per_token
     from mlm.loader import row_groups
     from mlm.runtime import tracking_uri
 
     return {
         "row_groups": [vars(g) for g in row_groups(shards.shard_paths(data_dir, "train", verify=False))],
         "validation_files": shards.shard_paths(data_dir, "validation", verify=True),
-        "flops_per_token": flops_per_token(cfg, len(tokenizer), manifest["seq_len"]),
+        "seq_len": manifest["seq_len"],
         # JSON lines of rank 0's metrics, when the run folder is local (MLflow has them too)
         "log_file": None if storage.is_uri(out_dir) else storage.join(out_dir, "train_log.jsonl"),
         "config": cfg.to_dict(),

@@ -67,6 +67,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from mlm import storage
+
 DOC_BATCH = 1000  # documents per encode_batch call (raw) and rows per collator batch (hf)
 CORPUS_FILE_MB = 16  # size of each generated corpus file
 TOKENIZER_SAMPLE_DOCS = 20_000
@@ -131,10 +133,18 @@ def build_corpus(size_mb: float, dest: Path, file_mb: float = CORPUS_FILE_MB) ->
         if done.get("spec") == spec and all((dest / f).is_file() for f in done["files"]):
             return [dest / f for f in done["files"]]
     paragraphs = [p.strip() for d in _python_docs() for p in _BLANK_LINE.split(d) if p.strip()]
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    target, per_file = int(size_mb * 1e6), int(file_mb * 1e6)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}-") as scratch:
+        tmp = Path(scratch) / "corpus"
+        tmp.mkdir()
+        names, written, docs = _write_corpus(paragraphs, tmp, int(size_mb * 1e6), int(file_mb * 1e6))
+        (tmp / "corpus.json").write_text(json.dumps({"spec": spec, "files": names, "bytes": written, "documents": docs}))
+        storage.put_dir(tmp, dest, move=True)  # renamed into place, whole
+    return [dest / n for n in names]
+
+
+def _write_corpus(paragraphs: list[str], folder: Path, target: int, per_file: int) -> tuple[list[str], int, int]:
+    """Files of about `per_file` bytes until `target` bytes: (names, bytes, documents)."""
     names: list[str] = []
     written = docs = copy = 0
     out = None
@@ -145,7 +155,7 @@ def build_corpus(size_mb: float, dest: Path, file_mb: float = CORPUS_FILE_MB) ->
                     if out is not None:
                         out.close()
                     names.append(f"corpus-{len(names):05d}.txt")
-                    out = open(tmp / names[-1], "wb")
+                    out = open(folder / names[-1], "wb")
                 blob = (p if copy == 0 else f"{copy} {p}").encode("utf-8") + b"\n\n"
                 out.write(blob)
                 written += len(blob)
@@ -156,11 +166,7 @@ def build_corpus(size_mb: float, dest: Path, file_mb: float = CORPUS_FILE_MB) ->
     finally:
         if out is not None:
             out.close()
-    (tmp / "corpus.json").write_text(json.dumps({"spec": spec, "files": names, "bytes": written, "documents": docs}))
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, dest)
-    return [dest / n for n in names]
+    return names, written, docs
 
 
 def _expand(item: str) -> list[str]:
@@ -415,8 +421,8 @@ def run_measured(cmd: list[str], env: dict[str, str], log_dir: Path, name: str,
 
 
 def _child_entry(fn: str) -> list[str]:
-    """A command that runs `mlm.bench_data.<fn>(json args from argv[1])`."""
-    return [sys.executable, "-c", f"import json, sys; from mlm.bench_data import {fn}; {fn}(json.loads(sys.argv[1]))"]
+    """A command that runs `mlm.bench.data.<fn>(json args from argv[1])`."""
+    return [sys.executable, "-c", f"import json, sys; from mlm.bench.data import {fn}; {fn}(json.loads(sys.argv[1]))"]
 
 
 def _run_raw(args: dict[str, Any]) -> None:

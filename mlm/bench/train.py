@@ -1,12 +1,15 @@
 """Benchmarks as commands: ratios against a reference measured in the same run.
 
-`mlm bench train`: our training step (sparse masked-LM head, fused AdamW and bf16 on
-GPU) against the Hugging Face Trainer on BertForMaskedLM, same config, batch,
-sequence length, precision, data and device, one process each in turn.
+`mlm bench train`: our training step (`mlm.train.train_step`: sparse masked-LM head,
+fused AdamW and bf16 on GPU, exactly what the training loop runs) against the Hugging
+Face Trainer on BertForMaskedLM, same config, optimizer settings, batch, sequence length,
+precision, data and device, one after the other in this process. MFU uses the one peak
+table, `mlm.compute.PEAK_FLOPS`, and FLOPs counted from the model's layers.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import time
@@ -14,29 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from mlm import shards, storage
+from mlm.compute import peak_flops
 from mlm.config import Config
-
-# Dense bf16 peak FLOP/s by device name fragment (vendor datasheets, no sparsity).
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
-
-
-def peak_flops(device_name: str) -> float | None:
-    return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
-
-
-def flops_per_token(cfg: Config, vocab_size: int, seq_len: int) -> float:
-    """Model FLOPs per token for forward+backward (6 per parameter-token, as in the
-    PaLM/Chinchilla accounting) plus attention scores; the dense vocabulary head is
-    counted for both contenders so MFU compares like with like."""
-    m = cfg.model
-    per_layer = 4 * m.hidden_size**2 + 2 * m.hidden_size * m.intermediate_size
-    head = m.hidden_size**2 + m.hidden_size * vocab_size
-    attention = 2 * m.num_layers * seq_len * m.hidden_size  # QK^T and AV, per token
-    return 6 * (m.num_layers * per_layer + head) + 6 * attention
 
 
 def _batches(data_dir: Path, micro: int, count: int) -> list[dict[str, Any]]:
-    from mlm.train import batch_to_tensors
+    from mlm.compute import batch_to_tensors
 
     out: list[dict[str, Any]] = []
     while len(out) < count:
@@ -49,33 +35,31 @@ def _batches(data_dir: Path, micro: int, count: int) -> list[dict[str, Any]]:
     return out
 
 
-def _our_steps(cfg: Config, vocab: int, pad: int, batches, device, warmup: int) -> float:
-    """Seconds for the timed steps of our training step."""
+def _our_steps(cfg: Config, vocab: int, pad: int, batches, device, warmup: int, seq_len: int) -> tuple[float, float]:
+    """(seconds for the timed steps, FLOPs per token) of our training step: the
+    training loop's own `train_step`, optimizer and autocast, one micro-batch a step."""
     import torch
 
+    from mlm.compute import flops_per_token
     from mlm.model import build_model, masked_lm_objective
-    from mlm.train import _param_groups
+    from mlm.train import autocast_for, build_optimizer, dropout_seed, get_lr, train_step
 
-    torch.manual_seed(cfg.train.seed)
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
     model = build_model(cfg.model, vocab, pad).to(device)
     objective = masked_lm_objective(model).train()
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, cfg.train.weight_decay), lr=cfg.train.learning_rate, fused=device.type == "cuda"
-    )
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    optimizer = build_optimizer(model, tc, device)
+    autocast = autocast_for(device)
     start = None
     for i, b in enumerate(batches):
         if i == warmup:
             _sync(device)
             start = time.perf_counter()
-        with autocast:
-            loss = objective(b["input_ids"].to(device), b["attention_mask"].to(device), b["labels"].to(device))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()}
+        train_step(objective, optimizer, [inputs], lr=get_lr(i, tc), grad_clip=tc.grad_clip, autocast=autocast,
+                   dropout_seed=functools.partial(dropout_seed, tc.seed, i, 0))
     _sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, flops_per_token(model, seq_len)
 
 
 def _hf_steps(cfg: Config, vocab: int, pad: int, batches, device, warmup: int) -> float:
@@ -108,6 +92,7 @@ def _hf_steps(cfg: Config, vocab: int, pad: int, batches, device, warmup: int) -
         args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=batches[0]["input_ids"].shape[0], max_steps=len(batches),
             learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.grad_clip,
+            adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6,  # as our optimizer (mlm.train.build_optimizer)
             logging_steps=10**9, save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
             use_cpu=device.type != "cuda", bf16=device.type == "cuda", seed=cfg.train.seed,
         )
@@ -140,9 +125,8 @@ def bench_train(cfg: Config, data_dir: str | Path, steps: int = 30, warmup: int 
         torch.set_num_threads(os.cpu_count() or 1)
     name = torch.cuda.get_device_name() if use_cuda else f"cpu ({torch.get_num_threads()} threads)"
     tokens = sum(b["tokens"] for b in batches[warmup:])
-    ours = _our_steps(cfg, len(tok), tok.pad_token_id, batches, device, warmup)
+    ours, fpt = _our_steps(cfg, len(tok), tok.pad_token_id, batches, device, warmup, manifest["seq_len"])
     hf = _hf_steps(cfg, len(tok), tok.pad_token_id, batches, device, warmup)
-    fpt = flops_per_token(cfg, len(tok), manifest["seq_len"])
     peak = peak_flops(name) if use_cuda else None
     result = {
         "device": name,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mlm.bench_data import bench_data, build_corpus, iter_documents, scale_files
+from mlm.bench.data import bench_data, build_corpus, iter_documents, scale_files
 
 pytestmark = pytest.mark.integration
 

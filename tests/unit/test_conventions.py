@@ -1,0 +1,38 @@
+"""Rules of the code base that no single behaviour test would notice being broken
+(docs/architecture.md, "Conventions")."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import mlm
+
+ROOT = Path(mlm.__file__).parent
+SOURCES = {str(p.relative_to(ROOT)): p.read_text(encoding="utf-8") for p in ROOT.rglob("*.py")}
+
+
+def _holders(pattern: str) -> list[str]:
+    return sorted(name for name, text in SOURCES.items() if re.search(pattern, text))
+
+
+def test_one_peak_flops_table():
+    """FLOP/s figures (...e12) are in mlm.compute.PEAK_FLOPS only; the rest asks it."""
+    assert _holders(r"\b\d+(\.\d+)?e12\b") == ["compute.py"]
+
+
+def test_one_masked_position_loss():
+    """The masked-LM cross entropy is written once: mlm.compute."""
+    assert _holders(r"cross_entropy\(") == ["compute.py"]
+
+
+def test_commits_go_through_storage():
+    """Temporary name then rename is mlm.storage's job (write_bytes, output_file,
+    put_dir): nobody else renames files into place."""
+    assert _holders(r"\bos\.(replace|rename)\(") == ["storage.py"]
+
+
+def test_dead_code_stays_gone():
+    assert "def fill_mask(text: str, model" not in SOURCES["predict.py"]
+    assert '"system_metrics"' not in SOURCES["train.py"]
+    assert "atomic_write_bytes" not in "".join(SOURCES.values())
