@@ -299,7 +299,9 @@ SAMPLE_DOC_CHARS = 100_000
 def _sample_texts(docs, n: int) -> list[str]:
     """The first `n` kept documents, each cut to SAMPLE_DOC_CHARS: a 50 MB document
     would otherwise dominate the sample and the trainer's memory."""
-    kept = docs.filter(lambda r: r["drop_reason"] == "").select_columns(["text"]).limit(n)
+    from ray.data.expressions import col
+
+    kept = docs.filter(expr=col("drop_reason") == "").select_columns(["text"]).limit(n)
     return [r["text"][:SAMPLE_DOC_CHARS] for r in kept.iter_rows()]
 
 
