@@ -41,8 +41,19 @@ def _echo_json(obj) -> None:
 
 @click.group()
 @click.version_option(package_name="mlm")
-def cli() -> None:
-    """Pretrain BERT-style masked language models: prepare -> train -> evaluate -> register."""
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show Ray Data's per-operator progress and logs, the workers' output and library progress bars "
+                   "(as MLM_LOG=debug does).")
+def cli(verbose: bool) -> None:
+    """Pretrain BERT-style masked language models: prepare -> train -> evaluate -> register.
+
+    Results go to stdout (JSON, or a short summary for pipeline/retrain); progress (one
+    line per stage) and logs go to stderr."""
+    from mlm.runtime import quiet_libraries
+
+    if verbose:
+        os.environ["MLM_LOG"] = "debug"
+    quiet_libraries()
 
 
 @cli.command()
@@ -368,16 +379,20 @@ def pipeline() -> None:
 
 @pipeline.command("run")
 @click.option("--input", "inputs", multiple=True, help="Corpus path/dir/glob (repeatable). Default: builtin:python-docs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document instead of a summary.")
 @PRESET
 @SET
-def pipeline_run(inputs, preset, overrides) -> None:
+def pipeline_run(inputs, as_json, preset, overrides) -> None:
     """prepare -> train -> evaluate -> register, tracked in MLflow."""
     from mlm.corpus import DEFAULT_CORPUS
     from mlm.pipeline import pretrain, summary_text
 
     cfg = load_config(preset, overrides)
     result = pretrain(list(inputs) or [DEFAULT_CORPUS], cfg)
-    click.echo(summary_text(result))
+    if as_json:
+        _echo_json(result)
+    else:
+        click.echo(summary_text(result, with_json=False))
 
 
 @cli.command()

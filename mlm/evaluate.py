@@ -46,14 +46,22 @@ def _remasked(batches, tokenizer, manifest: dict[str, Any], strategy: str, first
 
 
 def _score_all(net, tokenizer, manifest: dict[str, Any], plan: list[tuple[str, int, int]], first_index: int = 0,
-               max_batches: int | None = None) -> dict[str, dict[str, float]]:
-    """Sums for the evaluation masking ("random") and each re-masked strategy."""
+               progress=None) -> dict[str, dict[str, float]]:
+    """Sums for the evaluation masking ("random") and each re-masked strategy; one
+    `progress` step per batch scored."""
     baseline = manifest["most_frequent_token"]["id"]
-    plan = plan[:max_batches] if max_batches is not None else plan
-    out = {"random": score(net, read_batches(plan), baseline)}
+    out = {"random": score(net, _counted(read_batches(plan), progress), baseline)}
     for strategy in OTHER_STRATEGIES:
-        out[strategy] = score(net, _remasked(read_batches(plan), tokenizer, manifest, strategy, first_index))
+        batches = _remasked(read_batches(plan), tokenizer, manifest, strategy, first_index)
+        out[strategy] = score(net, _counted(batches, progress))
     return out
+
+
+def _counted(batches, progress):
+    for batch in batches:
+        yield batch
+        if progress is not None:
+            progress.update(1)  # the consumer asked for the next one: this one is scored
 
 
 class _RayScorer:
@@ -75,7 +83,8 @@ class _RayScorer:
         return {"sums": [json.dumps(sums)]}
 
 
-def _score_on_ray(model: str, manifest: dict[str, Any], plan: list[tuple[str, int, int]]) -> dict[str, dict[str, float]]:
+def _score_on_ray(model: str, manifest: dict[str, Any], plan: list[tuple[str, int, int]],
+                  progress=None) -> dict[str, dict[str, float]]:
     import ray
 
     from mlm.runtime import ensure_ray, quiet_ray_data
@@ -93,6 +102,8 @@ def _score_on_ray(model: str, manifest: dict[str, Any], plan: list[tuple[str, in
             acc = total.setdefault(strategy, dict.fromkeys(sums, 0))
             for k, v in sums.items():
                 acc[k] += v
+        if progress is not None:
+            progress.update(1 + len(OTHER_STRATEGIES))
     return total
 
 
@@ -103,32 +114,43 @@ def evaluate(model: Any, data_dir: str | Path, batch_size: int = 64, max_batches
     validation split. engine: "local" scores in this process, "ray" as Ray Data batch
     inference (one model per actor, summed here), "auto" on Ray from `ray_min_rows`
     evaluation rows. Both engines score the same batches and give the same metrics."""
-    from mlm.model import load_model_dir
+    from mlm.progress import Progress
     from mlm.tokenizer import fingerprint
 
     if engine not in ("local", "ray", "auto"):
         raise EvalError(f"unknown evaluation engine {engine!r}; expected local, ray or auto")
     manifest = shards.read_manifest(data_dir)
-    files = shards.shard_paths(data_dir, "validation", verify=True)
-    plan = plan_batches(files, batch_size)
-    if max_batches is not None:
-        plan = plan[:max_batches]
+    plan = plan_batches(shards.shard_paths(data_dir, "validation", verify=True), batch_size)[:max_batches]
     rows = sum(n for _, _, n in plan)
     on_ray = isinstance(model, (str, Path)) and (engine == "ray" or (engine == "auto" and rows >= ray_min_rows))
-    if on_ray:
-        from mlm.model import resolve_model_dir
-
-        from mlm import storage
-
-        # URIs go to the actors as they are: each resolves them on its own node
-        remote = str(model).startswith(("models:/", "runs:/")) or storage.is_uri(model)
-        model = str(model) if remote else resolve_model_dir(str(model))
-        net, tokenizer = None, _tokenizer_of(model)
-    else:
-        net, tokenizer = load_model_dir(model) if isinstance(model, (str, Path)) else model
+    model, net, tokenizer = _model_for(model, on_ray)
     if fingerprint(tokenizer) != manifest["tokenizer"]["fingerprint"] or len(tokenizer) != manifest["tokenizer"]["vocab_size"]:
         raise EvalError("the model's tokenizer is not the dataset's tokenizer; evaluate on data prepared with it")
-    sums = _score_on_ray(model, manifest, plan) if on_ray else _score_all(net, tokenizer, manifest, plan)
+    with Progress("evaluate", total=len(plan) * (1 + len(OTHER_STRATEGIES)), unit="batches") as line:
+        sums = _score_on_ray(model, manifest, plan, line) if on_ray else _score_all(net, tokenizer, manifest, plan,
+                                                                                    progress=line)
+        metrics = _metrics(sums, manifest, data_dir) | {"engine": "ray" if on_ray else "local"}
+        line.close(f"top-1 {metrics['top1_accuracy']:.4f}, loss {metrics['loss']:.4f} on {metrics['masked_tokens']:,} "
+                   f"masked tokens ({metrics['engine']})")
+    return metrics
+
+
+def _model_for(model: Any, on_ray: bool):
+    """(model reference, loaded model or None, tokenizer). On Ray, URIs go to the actors
+    as they are (each resolves them on its own node) and only the tokenizer is loaded
+    here; locally the model is loaded (unless it is a loaded (model, tokenizer) pair)."""
+    from mlm.model import load_model_dir, resolve_model_dir
+    from mlm.resolve import is_remote
+
+    if on_ray:
+        model = str(model) if is_remote(model) else resolve_model_dir(str(model))
+        return model, None, _tokenizer_of(model)
+    net, tokenizer = load_model_dir(model) if isinstance(model, (str, Path)) else model
+    return model, net, tokenizer
+
+
+def _metrics(sums: dict[str, dict[str, float]], manifest: dict[str, Any], data_dir) -> dict[str, Any]:
+    """The sums as metrics: the evaluation masking's, and each re-masked strategy's."""
     counts = sums["random"]
     loss_sum, top1, top5, baseline, n = (counts[k] for k in ("loss_sum", "top1", "top5", "baseline", "n"))
     if n == 0:
@@ -150,7 +172,6 @@ def evaluate(model: Any, data_dir: str | Path, batch_size: int = 64, max_batches
         "baseline_token": manifest["most_frequent_token"]["token"],
         "data_fingerprint": manifest["fingerprint"],
         "eval_set": manifest["masking"]["validation"],
-        "engine": "ray" if on_ray else "local",
     }
 
 

@@ -83,12 +83,14 @@ def pretrain(inputs: list[str], cfg: Config, work: Path | None = None, *, data_d
     }
 
 
-def summary_text(result: dict[str, Any]) -> str:
+def summary_text(result: dict[str, Any], with_json: bool = True) -> str:
+    """For people: where things are, how the model scored, what the gate decided; with
+    `with_json`, the result as a last JSON line (`{"summary": ...}`, what `mlm retrain`
+    prints for scripts)."""
     reg, m = result["registered"], result["metrics"]
     uri = result["tracking_uri"]
     ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" if uri.startswith("sqlite:") else uri
-    return "\n".join([
-        "",
+    lines = [
         f"data      {result['data_dir']}",
         f"model     {result['model_dir']}",
         f"mlflow    {uri}",
@@ -98,5 +100,8 @@ def summary_text(result: dict[str, Any]) -> str:
         f"try       mlm fill-mask \"the [MASK] statement returns a value.\" --model models:/{reg['name']}@{reg['alias']}",
         f"ui        {ui}",
         f"took      {result['seconds']:.0f}s",
-        json.dumps({"summary": {k: v for k, v in result.items() if k != 'registered'} | {"registered": reg}}, default=str),
-    ])
+    ]
+    if with_json:
+        lines.append(json.dumps({"summary": {k: v for k, v in result.items() if k != "registered"} | {"registered": reg}},
+                                default=str))
+    return "\n".join(lines)

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,6 +27,7 @@ from mlm import corpus, shards, storage, tokenizer as tok_mod
 from mlm.config import Config, DataConfig
 from mlm.masking import IGNORE_INDEX, Masker, batch_rng
 from mlm.packing import pack, pad_documents
+from mlm.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,9 @@ class TokenizePackMask:
     def __init__(self, tokenizer_json: str, special: dict[str, int], data_cfg: dict, maskers: dict[str, dict],
                  dynamic_train: bool, out_dir: str, vocab_size: int, parallel_encode: bool = True):
         from tokenizers import Tokenizer
+
+        if isinstance(tokenizer_json, _ByRef):  # the large tables, put in the object store once by the driver
+            tokenizer_json, maskers = tokenizer_json.get()
 
         if not parallel_encode:
             # One actor per core already keeps every core busy: the Rust library's own
@@ -167,6 +170,27 @@ class TokenizePackMask:
 MASK_BLOCK_ROWS = 8192
 
 
+class _ByRef:
+    """A large constructor argument handed to the actors as a reference to one object
+    in Ray's object store: the actors' constructor arguments stay small (inlined), so
+    a restarted actor never depends on arguments that may have gone out of scope
+    (ray-project/ray#53727)."""
+
+    def __init__(self, ref):
+        self.ref = ref
+
+    @classmethod
+    def put(cls, value) -> "_ByRef":
+        import ray
+
+        return cls(ray.put(value))
+
+    def get(self):
+        import ray
+
+        return ray.get(self.ref)
+
+
 def range_hashes(batch: pa.Table, data_cfg: dict) -> dict[str, list]:
     """Dedup pass: the content hashes of a range's kept documents, in order."""
     cfg = DataConfig(**data_cfg)
@@ -204,34 +228,6 @@ def _read_terms(path: str | None) -> list[str]:
     if not terms:
         raise corpus.InputError(f"masking.terms_file {path} holds no term")
     return terms
-
-
-class Progress:
-    """A live line on stderr: documents/s, tokens/s and an ETA from the input bytes of
-    the ranges done (coarse: a range counts when it is finished)."""
-
-    def __init__(self, total_bytes: int, every_s: float = 5.0):
-        self.total, self.every, self.tokens = max(1, total_bytes), every_s, 0
-        self.start = self.last = time.time()
-        self.enabled = os.environ.get("MLM_PROGRESS", "1") != "0"
-
-    def _line(self, counts: Counter) -> str:
-        elapsed = max(time.time() - self.start, 1e-9)
-        docs = sum(v for k, v in counts.items() if k.startswith("docs_"))
-        chars = counts.get("_bytes", 0)  # input bytes of the ranges done
-        eta = (self.total - chars) / (chars / elapsed) if chars else float("nan")
-        return (f"prepare: {docs:,} docs ({docs / elapsed:,.0f}/s), {self.tokens:,} tokens "
-                f"({self.tokens / elapsed:,.0f}/s), {min(1.0, chars / self.total):.0%} of input, eta {max(0.0, eta):,.0f}s")
-
-    def update(self, counts: Counter, tokens: int) -> None:
-        self.tokens += tokens
-        if self.enabled and time.time() - self.last >= self.every:
-            self.last = time.time()
-            print(self._line(counts), file=sys.stderr, flush=True)
-
-    def done(self, counts: Counter) -> None:
-        if self.enabled:
-            print(self._line(counts).replace("eta", "done, eta"), file=sys.stderr, flush=True)
 
 
 def split_long(text: str, max_chars: int) -> list[str]:
@@ -455,8 +451,9 @@ def _range_bytes(ranges, todo) -> list[int]:
 
 
 def _run_stage(out_dir: str, ranges, nbytes: list[int], skips, first: int, tokenizer, tokenizer_json: str,
-               maskers, cfg: Config):
-    """Run the fused stage; returns (new shards per split, counts, train token counts)."""
+               maskers, cfg: Config, line: Progress):
+    """Run the fused stage; returns (new shards per split, counts, train token counts).
+    `line` advances by each range's input bytes."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -469,7 +466,7 @@ def _run_stage(out_dir: str, ranges, nbytes: list[int], skips, first: int, token
     summaries = jobs.map_batches(
         TokenizePackMask,
         fn_constructor_kwargs={
-            "tokenizer_json": tokenizer_json, "data_cfg": cfg.data.model_dump(), "maskers": maskers,
+            "tokenizer_json": _ByRef.put((tokenizer_json, maskers)), "data_cfg": cfg.data.model_dump(), "maskers": {},
             "special": {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id},
             "dynamic_train": cfg.masking.mode == "dynamic", "out_dir": out_dir, "vocab_size": len(tokenizer),
             # a core per actor: each encodes on one thread; fewer ranges than cores: all threads
@@ -483,13 +480,15 @@ def _run_stage(out_dir: str, ranges, nbytes: list[int], skips, first: int, token
     counts: Counter = Counter()
     token_counts = np.zeros(len(tokenizer), np.int64)
     per_range: dict[int, dict[str, list]] = {}
-    progress = Progress(total_bytes=sum(nbytes))
+    tokens = 0
     for row in summaries.iter_rows():
-        counts.update(json.loads(row["stats"]))
+        stats = json.loads(row["stats"])
+        counts.update(stats)
         per_range[row["index"]] = json.loads(row["shards"])
         token_counts += np.frombuffer(row["token_counts"], np.int64)
-        progress.update(counts, sum(x["tokens"] for lst in per_range[row["index"]].values() for x in lst))
-    progress.done(counts)
+        tokens += sum(x["tokens"] for lst in per_range[row["index"]].values() for x in lst)
+        docs = sum(v for k, v in counts.items() if k.startswith("docs_"))
+        line.update(stats.get("_bytes", 0), f"{docs:,} docs, {tokens:,} tokens")
     new_shards = {s: [x for i in sorted(per_range) for x in per_range[i][s]] for s in shards.SPLITS}
     return new_shards, counts, token_counts
 
@@ -607,57 +606,89 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
     if mode == "done":
         log.info("dataset in %s is up to date; nothing to do", out_dir)
         return base
-    storage.makedirs(out_dir)
-    if base:  # extend: keep every listed file, process only the new inputs
-        old = {i["path"] for i in base["inputs"]}
-        todo = [f for f in files if f.path not in old]
-        _clear_unfinished(out_dir, keep=_listed_files(base))
-        reuse_tokenizer = True
-    else:
-        todo = files
-        reuse_tokenizer = not cfg.tokenizer.path and _reusable_tokenizer(out_dir, fingerprint_inputs)
-        _clear_unfinished(out_dir, keep={"tokenizer"} if reuse_tokenizer else set())
-
+    todo, reuse_tokenizer = _clear_for_run(out_dir, files, base, cfg, fingerprint_inputs)
     ensure_ray(dashboard=ray_dashboard)
     quiet_ray_data()
     ranges = corpus.plan_ranges(todo, cfg.data.read_chunk_bytes)
     nbytes = _range_bytes(ranges, todo)
     ranges, staged = _stage_inputs(ranges, todo, out_dir)
-    with tempfile.TemporaryDirectory(prefix="mlm-prepare-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="mlm-prepare-") as scratch, \
+            Progress("prepare", total=sum(nbytes), nbytes=True) as line:
         tokenizer, tokenizer_json = _tokenizer(out_dir, ranges, cfg, fingerprint_inputs, reuse_tokenizer, scratch)
-        known = np.zeros(0, np.uint64)
-        if base and storage.is_file(storage.join(out_dir, DEDUP_HASHES)):
-            known = np.frombuffer(storage.read_bytes(storage.join(out_dir, DEDUP_HASHES)), dtype="<u8")
+        known = _known_hashes(out_dir, base)
         skips, blobs = (_dedup_skips(ranges, cfg.data.model_dump(), known) if cfg.data.dedup  # hashes only: cheaper
                         else ([[] for _ in ranges], {}))
         maskers = _maskers(tokenizer, cfg, terms)
-        # Units of work of an extension are numbered after the dataset's own.
-        first = 1 + max((shards.shard_index(x["file"]) for s in base["splits"].values() for x in s["shards"]),
-                        default=-1) if base else 0
-        new_shards, counts, token_counts = _run_stage(out_dir, ranges, nbytes, skips, first,
-                                                      tokenizer, tokenizer_json, maskers, cfg)
+        new_shards, counts, token_counts = _run_stage(out_dir, ranges, nbytes, skips, _first_index(base),
+                                                      tokenizer, tokenizer_json, maskers, cfg, line)
         _check_visible(out_dir, new_shards)
-        if base and storage.is_file(storage.join(out_dir, TOKEN_COUNTS)):
-            token_counts += np.load(io.BytesIO(storage.read_bytes(storage.join(out_dir, TOKEN_COUNTS))), allow_pickle=False)
-        keep = _listed_files(base) if base else set()
-        split_shards = {s: (base["splits"][s]["shards"] if base else []) + new_shards[s] for s in shards.SPLITS}
-        if base:
-            _add_base_counts(counts, base)
-        dropped = _check_counts(split_shards, counts, cfg, out_dir, keep)
-        # Side files first (each committed on its own), the manifest last.
-        buf = io.BytesIO()
-        np.save(buf, token_counts, allow_pickle=False)
-        storage.write_bytes(storage.join(out_dir, TOKEN_COUNTS), buf.getvalue())
-        token_counts[np.array(sorted(set(tokenizer.all_special_ids)))] = 0
-        if cfg.data.dedup:
-            kept_hashes = np.concatenate([known] + [np.frombuffer(blobs[i], ">u8").astype("<u8")[
-                np.setdiff1d(np.arange(len(blobs[i]) // 8), skips[i])] for i in range(len(ranges))])
-            storage.write_bytes(storage.join(out_dir, DEDUP_HASHES), np.sort(kept_hashes).astype("<u8").tobytes())
+        split_shards, dropped = _with_base(out_dir, base, new_shards, counts, token_counts, cfg)
+        _write_side_files(out_dir, token_counts, tokenizer, known, blobs, skips, cfg)  # each committed on its own
         manifest = _manifest(files=files, skipped=skipped, cfg=cfg, fingerprint_inputs=fingerprint_inputs,
                              tokenizer=tokenizer, maskers=maskers, split_shards=split_shards, counts=counts,
                              dropped=dropped, ranges=len(ranges), base=base, todo=len(todo), new_shards=new_shards,
                              token_counts=token_counts, started=started)
-    shards.write_manifest(out_dir, manifest)  # last: from now on this folder is a dataset
+        shards.write_manifest(out_dir, manifest)  # last: from now on this folder is a dataset
+        line.close(f"{manifest['documents']['kept']:,} documents, {manifest['splits']['train']['tokens']:,} "
+                   f"training tokens in {sum(len(s['shards']) for s in manifest['splits'].values())} shards")
     if staged:
         storage.delete(storage.join(out_dir, STAGED_INPUTS))
     return manifest
+
+
+def _clear_for_run(out_dir: str, files, base, cfg: Config, fingerprint_inputs: str):
+    """The input files to process and whether the tokenizer in `out_dir` is kept; what an
+    interrupted run left is removed. Extending a dataset keeps every listed file and
+    processes only the new inputs."""
+    storage.makedirs(out_dir)
+    if base:
+        old = {i["path"] for i in base["inputs"]}
+        _clear_unfinished(out_dir, keep=_listed_files(base))
+        return [f for f in files if f.path not in old], True
+    reuse = not cfg.tokenizer.path and _reusable_tokenizer(out_dir, fingerprint_inputs)
+    _clear_unfinished(out_dir, keep={"tokenizer"} if reuse else set())
+    return files, reuse
+
+
+def _known_hashes(out_dir: str, base) -> np.ndarray:
+    """Content hashes of the documents of the dataset being extended (for dedup)."""
+    path = storage.join(out_dir, DEDUP_HASHES)
+    if base and storage.is_file(path):
+        return np.frombuffer(storage.read_bytes(path), dtype="<u8")
+    return np.zeros(0, np.uint64)
+
+
+def _first_index(base) -> int:
+    """Units of work of an extension are numbered after the dataset's own."""
+    if not base:
+        return 0
+    return 1 + max((shards.shard_index(x["file"]) for s in base["splits"].values() for x in s["shards"]), default=-1)
+
+
+def _with_base(out_dir: str, base, new_shards: dict[str, list], counts: Counter, token_counts: np.ndarray,
+               cfg: Config) -> tuple[dict[str, list], dict]:
+    """The dataset's shards and counts once this run's are added to an extended
+    dataset's (`counts` and `token_counts` updated in place); fails on an empty split or
+    too many dropped documents. Returns (shards per split, drop counts by reason)."""
+    path = storage.join(out_dir, TOKEN_COUNTS)
+    if base and storage.is_file(path):
+        token_counts += np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
+    split_shards = {s: (base["splits"][s]["shards"] if base else []) + new_shards[s] for s in shards.SPLITS}
+    if base:
+        _add_base_counts(counts, base)
+    dropped = _check_counts(split_shards, counts, cfg, out_dir, _listed_files(base) if base else set())
+    return split_shards, dropped
+
+
+def _write_side_files(out_dir: str, token_counts: np.ndarray, tokenizer, known: np.ndarray, blobs, skips,
+                      cfg: Config) -> None:
+    """Token frequencies and the dedup hashes, for the next extension. Special tokens are
+    then left out of `token_counts` (the most-frequent-token baseline)."""
+    buf = io.BytesIO()
+    np.save(buf, token_counts, allow_pickle=False)
+    storage.write_bytes(storage.join(out_dir, TOKEN_COUNTS), buf.getvalue())
+    token_counts[np.array(sorted(set(tokenizer.all_special_ids)))] = 0
+    if cfg.data.dedup:
+        kept_hashes = np.concatenate([known] + [np.frombuffer(blobs[i], ">u8").astype("<u8")[
+            np.setdiff1d(np.arange(len(blobs[i]) // 8), skips[i])] for i in range(len(skips))])
+        storage.write_bytes(storage.join(out_dir, DEDUP_HASHES), np.sort(kept_hashes).astype("<u8").tobytes())

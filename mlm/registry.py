@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -105,97 +107,176 @@ def register(
 ) -> dict[str, Any]:
     """Log the model (transformers flavor, fill-mask), register a version with its tags,
     then apply the gate. Aliases move only after the version exists and is tagged."""
-    import mlflow
     from mlflow import MlflowClient
 
-    from mlm.evaluate import better, evaluate
     from mlm.model import load_model_dir
+    from mlm.progress import Progress
+
+    if cfg.registry.metric not in metrics:
+        raise RegistryError(f"evaluation results lack {cfg.registry.metric!r}")
+    with Progress("register", total=4, unit="steps") as line:
+        model, tokenizer = load_model_dir(model_dir)
+        setup(cfg.registry.experiment)
+        client = MlflowClient()
+        tags = _version_tags(tokenizer, metrics, cfg)
+        line.update(1, "logging the model")
+        with _register_run(cfg, run_id) as active:
+            tags |= _lineage(active)
+            version, gate = _register_and_gate(client, model, tokenizer, name, metrics, cfg, tags, data_dir, line)
+        line.close(f"{name} v{version} -> @{gate.decision}")
+    return {"name": name, "version": version, "alias": gate.decision, "reason": gate.reason, "metric": gate.metric,
+            "score": gate.score, "champion_score": gate.champion_score,
+            "previous_champion": str(gate.previous) if gate.previous is not None else None,
+            "model_uri": f"models:/{name}@{gate.decision}"}
+
+
+def _register_and_gate(client, model, tokenizer, name: str, metrics: dict[str, Any], cfg: Config,
+                       tags: dict[str, str], data_dir, line) -> tuple[str, "Gate"]:
+    """In the active run: log and register the model, decide, move one alias, log the
+    decision and the model card. Returns (version, gate)."""
+    version = _log_and_register(model, tokenizer, name, tags)
+    line.update(1, f"v{version} registered, gate")
+    gate = _gate(client, name, metrics, cfg, tags["data_fingerprint"], data_dir)
+    line.update(1, f"v{version} -> @{gate.decision}")
+    _apply_gate(client, name, version, gate)
+    _log_gate(client, name, version, gate, metrics, cfg, tags, data_dir)
+    line.update(1)
+    return version, gate
+
+
+def _version_tags(tokenizer, metrics: dict[str, Any], cfg: Config) -> dict[str, str]:
+    """What a version records about where it comes from and how it scored."""
     from mlm.tokenizer import fingerprint
 
-    metric, margin = cfg.registry.metric, cfg.registry.min_improvement
-    if metric not in metrics:
-        raise RegistryError(f"evaluation results lack {metric!r}")
-    model, tokenizer = load_model_dir(model_dir)
-    setup(cfg.registry.experiment)
-    client = MlflowClient()
-    tags = {
+    return {
         "data_fingerprint": str(metrics.get("data_fingerprint", "")),
         "tokenizer_fingerprint": fingerprint(tokenizer),
         "config_hash": cfg.config_hash(),
         "code_version": code_version(),
         **{f"eval.{k}": str(v) for k, v in metrics.items() if isinstance(v, (int, float))},
     }
+
+
+@contextlib.contextmanager
+def _register_run(cfg: Config, run_id: str | None) -> Iterator[Any]:
+    """The MLflow run the model is logged to: `run_id` (resumed unless it is the active
+    run), else a new `register` stage run. Yields the run as stored."""
+    import mlflow
+
     with contextlib.ExitStack() as stack:
         current = mlflow.active_run()
         if run_id is None:
             stack.enter_context(stage_run("register", cfg))
         elif current is None or current.info.run_id != run_id:
             stack.enter_context(mlflow.start_run(run_id=run_id))
-        active = client.get_run(mlflow.active_run().info.run_id)
-        tags["source_run"] = active.info.run_id
-        parent = active.data.tags.get("mlflow.parentRunId")
-        if parent:
-            tags["parent_run"] = parent
+        yield mlflow.MlflowClient().get_run(mlflow.active_run().info.run_id)
+
+
+def _lineage(run) -> dict[str, str]:
+    tags = {"source_run": run.info.run_id}
+    parent = run.data.tags.get("mlflow.parentRunId")
+    if parent:
+        tags["parent_run"] = parent
+    return tags
+
+
+def _log_and_register(model, tokenizer, name: str, tags: dict[str, str]) -> str:
+    """Log the model to the active run and register it (the registered model is created
+    on first use): the new version's number. MlflowClient's calls, not
+    `mlflow.register_model`, which prints its progress on stderr."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    logger = logging.getLogger("mlflow.transformers")
+    logger.addFilter(_no_hub_metadata)
+    try:
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer},
             name="model",
             task="fill-mask",
             pip_requirements=_pip_requirements(),
         )
-        mv = mlflow.register_model(info.model_uri, name, tags=tags)
-        version = str(mv.version)
+    finally:
+        logger.removeFilter(_no_hub_metadata)
+    client = mlflow.MlflowClient()
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    return str(client.create_model_version(name, source=info.model_uri, tags=tags, model_id=info.model_id).version)
 
-        # ---- the gate: decide first, then move exactly one alias
-        champion = _alias_version(client, name, CHAMPION)
-        challenger_score = float(metrics[metric])
-        champion_score = None
-        previous = champion.version if champion is not None else None
-        if champion is None:
-            decision, reason = CHAMPION, "no champion yet"
-        else:
-            champion_score = _score(champion.tags, metric)
-            same_data = champion.tags.get("data_fingerprint") == tags["data_fingerprint"]
-            if not same_data or champion_score is None:
-                if data_dir is None:
-                    raise RegistryError(
-                        f"champion v{champion.version} was scored on other data; pass the data to re-score it"
-                    )
-                rescored = evaluate(f"models:/{name}/{champion.version}", data_dir, cfg.eval.batch_size,
-                                    engine=cfg.eval.engine, ray_min_rows=cfg.eval.ray_min_rows)
-                champion_score = float(rescored[metric])
-            if better(metric, challenger_score, champion_score, margin):
-                decision = CHAMPION
-                reason = f"{metric} {challenger_score:.4f} beats champion v{champion.version} {champion_score:.4f} (margin {margin})"
-            else:
-                decision = CHALLENGER
-                reason = f"{metric} {challenger_score:.4f} does not beat champion v{champion.version} {champion_score:.4f} (margin {margin})"
-        client.set_model_version_tag(name, version, "gate.decision", decision)
-        client.set_model_version_tag(name, version, "gate.reason", reason)
-        client.set_model_version_tag(name, version, "gate.metric", metric)
-        client.set_model_version_tag(name, version, "gate.score", str(challenger_score))
-        if champion_score is not None:
-            client.set_model_version_tag(name, version, "gate.champion_score", str(champion_score))
-        if previous is not None:
-            client.set_model_version_tag(name, version, "gate.previous_champion", str(previous))
-        if decision == CHAMPION:
-            _move_champion(client, name, version)
-        else:
-            client.set_registered_model_alias(name, decision, version)
-        mlflow.log_dict({"version": version, "alias": decision, "reason": reason}, "gate.json")
-        card = model_card(name, version, decision, reason, metrics, cfg, tags, data_dir)
-        mlflow.log_text(card, "model_card.md")
-        client.update_model_version(name, version, description=card)  # shown on the version's page
-    return {
-        "name": name,
-        "version": version,
-        "alias": decision,
-        "reason": reason,
-        "metric": metric,
-        "score": challenger_score,
-        "champion_score": champion_score,
-        "previous_champion": str(previous) if previous is not None else None,
-        "model_uri": f"models:/{name}@{decision}",
-    }
+
+def _no_hub_metadata(record: logging.LogRecord) -> bool:
+    """MLflow looks a model up on the Hugging Face hub by its folder name for a model card
+    and a license; a model trained here has neither there (the model card is ours)."""
+    message = record.getMessage()
+    return not message.startswith(("The model card could not be retrieved from the hub",
+                                   "Unable to find license information for this model"))
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The gate's decision on a new version: the alias it gets and why."""
+
+    decision: str  # CHAMPION or CHALLENGER
+    reason: str
+    metric: str
+    score: float
+    champion_score: float | None = None
+    previous: str | None = None  # the champion before this registration
+
+
+def _gate(client, name: str, metrics: dict[str, Any], cfg: Config, data_fingerprint: str,
+          data_dir: str | Path | None) -> Gate:
+    """Decide (nothing moves here): champion when there is none or when the challenger
+    beats the champion by `registry.min_improvement` on the same evaluation set (the
+    champion re-scored on `data_dir` when its scores come from other data)."""
+    from mlm.evaluate import better, evaluate
+
+    metric, margin = cfg.registry.metric, cfg.registry.min_improvement
+    score = float(metrics[metric])
+    champion = _alias_version(client, name, CHAMPION)
+    if champion is None:
+        return Gate(CHAMPION, "no champion yet", metric, score)
+    champion_score = _score(champion.tags, metric)
+    if champion.tags.get("data_fingerprint") != data_fingerprint or champion_score is None:
+        if data_dir is None:
+            raise RegistryError(f"champion v{champion.version} was scored on other data; pass the data to re-score it")
+        rescored = evaluate(f"models:/{name}/{champion.version}", data_dir, cfg.eval.batch_size,
+                            engine=cfg.eval.engine, ray_min_rows=cfg.eval.ray_min_rows)
+        champion_score = float(rescored[metric])
+    wins = better(metric, score, champion_score, margin)
+    verdict = "beats" if wins else "does not beat"
+    reason = f"{metric} {score:.4f} {verdict} champion v{champion.version} {champion_score:.4f} (margin {margin})"
+    return Gate(CHAMPION if wins else CHALLENGER, reason, metric, score, champion_score, str(champion.version))
+
+
+def _apply_gate(client, name: str, version: str, gate: Gate) -> None:
+    """Tag the version with the decision, then move exactly one alias."""
+    tags = {"gate.decision": gate.decision, "gate.reason": gate.reason, "gate.metric": gate.metric,
+            "gate.score": str(gate.score)}
+    if gate.champion_score is not None:
+        tags["gate.champion_score"] = str(gate.champion_score)
+    if gate.previous is not None:
+        tags["gate.previous_champion"] = gate.previous
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    if gate.decision == CHAMPION:
+        _move_champion(client, name, version)
+    else:
+        client.set_registered_model_alias(name, gate.decision, version)
+
+
+def _log_gate(client, name: str, version: str, gate: Gate, metrics: dict[str, Any], cfg: Config,
+              tags: dict[str, str], data_dir: str | Path | None) -> None:
+    """gate.json and the model card on the run; the card on the version's page too."""
+    import mlflow
+
+    mlflow.log_dict({"version": version, "alias": gate.decision, "reason": gate.reason}, "gate.json")
+    card = model_card(name, version, gate.decision, gate.reason, metrics, cfg, tags, data_dir)
+    mlflow.log_text(card, "model_card.md")
+    client.update_model_version(name, version, description=card)
 
 
 def model_card(name: str, version: str, alias: str, reason: str, metrics: dict[str, Any], cfg: Config,

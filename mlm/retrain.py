@@ -127,4 +127,4 @@ def summary_text(result: dict[str, Any]) -> str:
     if result["status"] != "registered":
         return f"retrain: {result['reason']}\n" + json.dumps({"summary": result})
     head = f"retrain: {len(result['new_files'])} new file(s), {result['init_reason']}"
-    return head + pipeline_summary(result)
+    return head + "\n" + pipeline_summary(result)

@@ -48,17 +48,40 @@ def artifact_root() -> str:
     return (work_dir() / "mlartifacts").as_uri()
 
 
+def verbose() -> bool:
+    """`MLM_LOG=debug` (what `mlm --verbose` sets): Ray Data's per-operator progress and
+    INFO logs, the workers' output and the libraries' progress bars are shown."""
+    return os.environ.get("MLM_LOG", "").lower() == "debug"
+
+
+def quiet_libraries() -> None:
+    """Progress bars of transformers / huggingface_hub / MLflow downloads off, in this
+    process and in the Ray workers it starts (they inherit the environment), unless
+    verbose. Call before those libraries are imported."""
+    if verbose():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its loggers' level from it at import
+    for name in ("mlflow", "alembic", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def ensure_ray(dashboard: bool = True) -> None:
     """Connect to RAY_ADDRESS, or start a local instance bound to loopback. `dashboard`:
     whether a local instance runs the dashboard (its State API is what Ray Train relies
-    on; `mlm prepare` alone does without, ~2 s of start-up and a busy process less)."""
+    on; `mlm prepare` alone does without, ~2 s of start-up and a busy process less).
+    Workers' stdout/stderr reach this process only when verbose (`MLM_LOG=debug`):
+    their failures come back as exceptions anyway, and their logs stay in Ray's session
+    folder."""
     import ray
 
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+        ray.init(address=address, log_to_driver=verbose(), logging_level=logging.WARNING)
         return
     from ray._private import ray_constants
 
@@ -86,7 +109,7 @@ def ensure_ray(dashboard: bool = True) -> None:
             include_dashboard=dashboard,
             dashboard_host=LOOPBACK,
             logging_level=logging.WARNING,
-            log_to_driver=True,
+            log_to_driver=verbose(),
         )
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
@@ -102,8 +125,29 @@ def ensure_ray(dashboard: bool = True) -> None:
 
 
 def quiet_ray_data() -> None:
+    """Ray Data as the stages use it: deterministic output order; its progress bars and
+    its per-operator INFO lines on the console only when verbose (the stages draw their
+    own progress line; Ray Data's log file in the session folder keeps everything)."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic output order
-    ctx.enable_progress_bars = os.environ.get("MLM_PROGRESS", "1") != "0"
+    loud = verbose()
+    ctx.enable_progress_bars = loud
+    ctx.print_on_execution_start = loud
+    ctx.enable_auto_log_stats = loud
+    data_logger = logging.getLogger("ray.data")
+    consoles = [h for h in data_logger.handlers if h.get_name() == "console"]
+    for handler in consoles:
+        handler.setLevel(logging.INFO if loud else logging.WARNING)
+        if not loud and not any(isinstance(f, _NotAsked) for f in handler.filters):
+            handler.addFilter(_NotAsked())
+    if not consoles and not loud:  # another logging config: the logger itself
+        data_logger.setLevel(logging.WARNING)
+
+
+class _NotAsked(logging.Filter):
+    """Drops Ray Data's notice that its progress bars are off: we turned them off."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Progress bars disabled")

@@ -54,7 +54,8 @@ def _blank(cfg: TokenizerConfig, specials: list[str] = SPECIAL_TOKENS):
     its alphabet that way too (see `_wordpiece_symbols`)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-    common = {"vocab_size": cfg.vocab_size, "special_tokens": list(specials)}
+    # show_progress off: the Rust trainer draws its bars on stdout, which carries results only
+    common = {"vocab_size": cfg.vocab_size, "special_tokens": list(specials), "show_progress": False}
     if cfg.kind == "wordpiece":
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=cfg.lowercase, strip_accents=cfg.lowercase)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -184,7 +184,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if opt_state:
         optimizer.load_state_dict(opt_state)
     stream = _input_stream(w, start_step * w.accumulation)
-    log = _StepLog(w, stream, start_step, flops_per_token(raw_model, loop_config["seq_len"]), device_peak_flops(w.device))
+    log = _StepLog(w, stream, flops_per_token(raw_model, loop_config["seq_len"]), device_peak_flops(w.device))
     try:
         _run_steps(w, raw_model, model, optimizer, stream, log, start_step)
     finally:
@@ -329,11 +329,11 @@ class _StepLog:
     node's system metrics), a JSON-lines file in the run folder when this node can write
     there, and the progress line on stderr."""
 
-    def __init__(self, w: _Worker, stream, start_step: int, flops: float | None, peak: float | None):
-        self.w, self.stream, self.start_step, self.flops, self.peak = w, stream, start_step, flops, peak
-        self.run_start = time.time()
+    def __init__(self, w: _Worker, stream, flops: float | None, peak: float | None):
+        self.w, self.stream, self.flops, self.peak = w, stream, flops, peak
         self._reset()
         self.client = self._start_mlflow() if w.is_rank0 and w.loop_config.get("mlflow_run_id") else None
+        self.sink = w.loop_config.get("progress") if w.is_rank0 else None  # the driver's progress line
 
     def _reset(self) -> None:
         self.tokens, self.started, self.loss_sum, self.loss_count = 0, time.time(), 0.0, 0
@@ -347,7 +347,8 @@ class _StepLog:
         mlflow.set_tracking_uri(self.w.loop_config["tracking_uri"])
         mlflow.set_system_metrics_sampling_interval(10)
         mlflow.set_system_metrics_node_id("rank0")
-        mlflow.start_run(run_id=self.w.loop_config["mlflow_run_id"], log_system_metrics=True)
+        with_psutil = importlib.util.find_spec("psutil") is not None  # MLflow's sampler needs it
+        mlflow.start_run(run_id=self.w.loop_config["mlflow_run_id"], log_system_metrics=with_psutil)
         return mlflow.MlflowClient(tracking_uri=self.w.loop_config["tracking_uri"])
 
     def close(self) -> None:
@@ -362,7 +363,7 @@ class _StepLog:
         self.tokens += result.tokens
 
     def emit(self, step: int, lr: float, grad_norm, epoch: int) -> None:
-        tc, world = self.w.cfg.train, self.w.world_size
+        world = self.w.world_size
         elapsed = time.time() - self.started
         tokens_per_s = self.tokens * world / max(elapsed, 1e-9)  # equal batches on every rank
         metrics = {
@@ -377,10 +378,9 @@ class _StepLog:
         if utilization is not None:
             metrics["mfu"] = utilization
         if self.w.is_rank0:
-            eta = (time.time() - self.run_start) / max(1, step - self.start_step) * (tc.max_steps - step)
-            print(f"step {step}/{tc.max_steps} loss {metrics['train_loss']:.4f} lr {lr:.2e} "
-                  f"tok/s {tokens_per_s:,.0f} data-wait {metrics['data_wait_fraction']:.0%} eta {eta:,.0f}s",
-                  file=sys.stderr, flush=True)
+            if self.sink is not None:  # fire and forget: the driver draws the line
+                self.sink.put.remote({"step": step, "info": f"loss {metrics['train_loss']:.3f}, "
+                                      f"{tokens_per_s:,.0f} tok/s, data-wait {metrics['data_wait_fraction']:.0%}"})
             self.record(metrics, step)
         self._reset()
 
@@ -438,33 +438,16 @@ def train(
     directory (`out_dir/model`, HF layout with the tokenizer). `data_dir` and `out_dir`
     may be local folders or object-store URIs; Ray Train's checkpoints go to
     `out_dir/ray` (on a cluster: a URI every node reaches)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from mlm.runtime import ensure_ray
 
     data_dir, out_dir = storage.normalize(data_dir), storage.normalize(out_dir)
     manifest, tokenizer, cfg = _check_inputs(data_dir, cfg)
     storage.makedirs(out_dir)
     ensure_ray()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=_loop_config(data_dir, out_dir, manifest, tokenizer, cfg, mlflow_run_id),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers,
-            use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker(cfg)},
-        ),
-        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        run_config=RunConfig(
-            storage_path=storage.join(out_dir, "ray"),
-            name="train",
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-        ),
-    )
+    loop_config = _loop_config(data_dir, out_dir, manifest, tokenizer, cfg, mlflow_run_id)
     started = time.time()
-    result = trainer.fit()
+    with _train_progress(cfg.train.max_steps) as sink:
+        result = _trainer(loop_config | {"progress": sink}, out_dir, cfg).fit()
     seconds = time.time() - started
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
@@ -481,6 +464,86 @@ def train(
         "approx_tokens_per_s": round(tokens_seen / max(seconds, 1e-9)),
         "checkpoint": scheme + result.checkpoint.path,
     }
+
+
+def _trainer(loop_config: dict[str, Any], out_dir: str, cfg: Config):
+    """Ray Train's TorchTrainer: the workers, DDP backend, checkpoints (kept in
+    `out_dir/ray`) and restarts after a failure."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker(cfg)},
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        run_config=RunConfig(
+            storage_path=storage.join(out_dir, "ray"),
+            name="train",
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+
+
+class _ProgressSink:
+    """Ray actor (no CPU): rank 0 puts its latest step there, the driver reads it."""
+
+    def __init__(self):
+        self.latest = None
+
+    def put(self, state: dict) -> None:
+        self.latest = state
+
+    def get(self) -> dict | None:
+        return self.latest
+
+
+@contextlib.contextmanager
+def _train_progress(max_steps: int):
+    """The train stage's progress line, drawn here from rank 0's steps (workers' output
+    reaches the driver only when verbose); yields the sink to hand to the workers (None
+    when progress is off)."""
+    import threading
+
+    import ray
+
+    from mlm.progress import Progress, enabled
+
+    if not enabled():
+        yield None
+        return
+    sink = ray.remote(num_cpus=0)(_ProgressSink).remote()
+    line = Progress("train", total=max_steps, unit="steps")
+    stop = threading.Event()
+
+    def draw() -> None:
+        state = ray.get(sink.get.remote(), timeout=30)
+        if state:
+            line.set(state["step"], state["info"])
+
+    def poll() -> None:
+        while not stop.wait(1.0):
+            with contextlib.suppress(Exception):  # a slow or restarting cluster: try again
+                draw()
+
+    thread = threading.Thread(target=poll, daemon=True, name="mlm-train-progress")
+    thread.start()
+    failed = True
+    try:
+        yield sink
+        failed = False
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+        with contextlib.suppress(Exception):
+            draw()
+        line.close(failed=failed)
+        ray.kill(sink)
 
 
 def _check_inputs(data_dir: str, cfg: Config):

@@ -456,31 +456,54 @@ def _run_raw(args: dict[str, Any]) -> None:
 
 def _run_hf(args: dict[str, Any]) -> None:
     """Subprocess body of the Hugging Face contender (run_mlm.py's data path)."""
-    from itertools import chain
-
     phases: dict[str, float] = {}
-    t = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal t
-        now = time.perf_counter()
-        phases[name] = round(now - t, 2)
-        t = now
-
+    lap = _stopwatch(phases)
     import datasets
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from transformers import AutoTokenizer, DataCollatorForLanguageModeling
+    from transformers import AutoTokenizer
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    seq_len, num_proc = args["seq_len"], args["num_proc"]
     tokenizer = AutoTokenizer.from_pretrained(args["tokenizer"])
     lap("import_and_load_tokenizer")
+    raw, sample_by = _hf_load(args["files"])
+    lap("load_dataset")
+    tokenized = raw.map(lambda examples: tokenizer(examples["text"], return_special_tokens_mask=True),
+                        batched=True, num_proc=args["num_proc"], remove_columns=raw.column_names)
+    lap("map_tokenize")
+    import pyarrow as pa
 
-    txt = [f for f in args["files"] if not _is_jsonl(f)]
-    jsonl = [f for f in args["files"] if _is_jsonl(f)]
+    before_group = int(pa.compute.sum(pa.compute.list_value_length(tokenized.data.column("input_ids"))).as_py() or 0)
+    grouped = tokenized.map(_group_texts, fn_kwargs={"seq_len": args["seq_len"]}, batched=True,
+                            num_proc=args["num_proc"])
+    lap("map_group_texts")
+    rows = _hf_collate_and_write(grouped, tokenizer, args["seq_len"], args["out"])
+    lap("collate_and_write_parquet")
+    Path(args["result"]).write_text(json.dumps({
+        "documents": len(raw), "content_tokens": before_group - 2 * len(raw), "output_tokens": rows * args["seq_len"],
+        "rows": rows, "dropped_by_group_texts": before_group - rows * args["seq_len"], "sample_by": sample_by,
+        "phases_s": phases,
+    }))
+
+
+def _stopwatch(phases: dict[str, float]) -> Callable[[str], None]:
+    """lap(name): the seconds since the previous lap, into `phases[name]`."""
+    last = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = round(now - last[0], 2)
+        last[0] = now
+
+    return lap
+
+
+def _hf_load(files: list[str]):
+    """datasets.load_dataset on the local files: "text" by paragraph, "json" (its text
+    column). Returns (dataset, how text files were split)."""
+    import datasets
+
+    txt = [f for f in files if not _is_jsonl(f)]
+    jsonl = [f for f in files if _is_jsonl(f)]
     parts = []
     sample_by = "line"
     if txt:
@@ -491,50 +514,46 @@ def _run_hf(args: dict[str, Any]) -> None:
         parts.append(datasets.load_dataset("text", data_files=txt, split="train", **kw))
     if jsonl:
         parts.append(datasets.load_dataset("json", data_files=jsonl, split="train").select_columns(["text"]))
-    raw = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    lap("load_dataset")
+    return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), sample_by
 
-    def tokenize_function(examples):
-        return tokenizer(examples["text"], return_special_tokens_mask=True)
 
-    tokenized = raw.map(tokenize_function, batched=True, num_proc=num_proc, remove_columns=raw.column_names)
-    lap("map_tokenize")
-    before_group = int(pa.compute.sum(pa.compute.list_value_length(tokenized.data.column("input_ids"))).as_py() or 0)
+def _group_texts(examples, seq_len: int):  # verbatim from transformers' examples/pytorch/language-modeling/run_mlm.py
+    from itertools import chain
 
-    def group_texts(examples):  # verbatim from transformers' examples/pytorch/language-modeling/run_mlm.py
-        concatenated_examples = {k: list(chain(*examples[k])) for k in examples.keys()}
-        total_length = len(concatenated_examples[list(examples.keys())[0]])
-        total_length = (total_length // seq_len) * seq_len
-        result = {
-            k: [t[i : i + seq_len] for i in range(0, total_length, seq_len)]
-            for k, t in concatenated_examples.items()
-        }
-        return result
+    concatenated_examples = {k: list(chain(*examples[k])) for k in examples.keys()}
+    total_length = len(concatenated_examples[list(examples.keys())[0]])
+    total_length = (total_length // seq_len) * seq_len
+    result = {
+        k: [t[i : i + seq_len] for i in range(0, total_length, seq_len)]
+        for k, t in concatenated_examples.items()
+    }
+    return result
 
-    grouped = tokenized.map(group_texts, batched=True, num_proc=num_proc)
-    lap("map_group_texts")
+
+def _hf_collate_and_write(grouped, tokenizer, seq_len: int, out: str) -> int:
+    """DataCollatorForLanguageModeling (15%) over batches of DOC_BATCH rows, the masked
+    input_ids/labels written to Parquet (zstd); returns the rows written."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import DataCollatorForLanguageModeling
 
     collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm_probability=0.15)
     fixed = pa.list_(pa.int32(), seq_len)
     schema = pa.schema([("input_ids", fixed), ("labels", fixed)])
     rows = 0
-    with pq.ParquetWriter(args["out"], schema, compression="zstd") as writer:
+    with pq.ParquetWriter(out, schema, compression="zstd") as writer:
         for batch in grouped.iter(batch_size=DOC_BATCH):
             keys = list(batch)
             features = [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
-            out = collator(features)
-            ids, labels = (np.ascontiguousarray(out[k].numpy(), np.int32) for k in ("input_ids", "labels"))
+            collated = collator(features)
+            ids, labels = (np.ascontiguousarray(collated[k].numpy(), np.int32) for k in ("input_ids", "labels"))
             writer.write_table(pa.table({
                 "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), seq_len),
                 "labels": pa.FixedSizeListArray.from_arrays(pa.array(labels.reshape(-1)), seq_len),
             }, schema=schema))
             rows += len(ids)
-    lap("collate_and_write_parquet")
-    Path(args["result"]).write_text(json.dumps({
-        "documents": len(raw), "content_tokens": before_group - 2 * len(raw), "output_tokens": rows * seq_len,
-        "rows": rows, "dropped_by_group_texts": before_group - rows * seq_len, "sample_by": sample_by,
-        "phases_s": phases,
-    }))
+    return rows
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -594,6 +613,42 @@ def bench_data(inputs: list[str] | None, size_mb: float, scale: int, seq_len: in
     run's MLM_HOME are removed unless `keep_outputs`). `raw_method` picks the raw
     contender's call: `encode_batch` (Encodings with offsets) or, where tokenizers has
     it, `encode_batch_fast` (no offsets; what prepare calls)."""
+    _check_args(inputs, size_mb, scale)
+    work = Path(work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    say = (lambda s: print(s, file=sys.stderr, flush=True)) if echo is not None else (lambda s: None)
+    files, source = _corpus_files(inputs, size_mb, work, say)
+    run_dir = work / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run_dir.mkdir(parents=True)
+    files = scale_files(files, scale, run_dir / "scaled")
+    say(f"bench data: training the shared tokenizer (not timed) on {len(files)} file(s)")
+    tokenizer = train_shared_tokenizer(files, work / "tokenizer")
+    bench = _Bench(run_dir, files, tokenizer, seq_len, say)
+    try:
+        bench.raw(raw_method)
+        bench.prepare()
+        if not skip_hf:
+            bench.hf()
+    finally:
+        bench.clean(keep_outputs)
+    runs = _with_rates(bench.runs)
+    result = {
+        "corpus": {"source": source, "files": len(files), "bytes": bench.corpus_bytes, "scale": scale},
+        "seq_len": seq_len,
+        "cores": bench.cores,
+        "tokenizer": tokenizer,
+        "runs": runs,
+        "ratios": _ratios(runs),
+        "memory": "peak of the summed PSS of each subprocess and all its descendants, sampled every 0.25 s",
+        "run_dir": str(run_dir),
+    }
+    (run_dir / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    if echo is not None:
+        echo(format_report(result))
+    return result
+
+
+def _check_args(inputs, size_mb: float, scale: int) -> None:
     from mlm.corpus import InputError
 
     if scale < 1:
@@ -602,64 +657,75 @@ def bench_data(inputs: list[str] | None, size_mb: float, scale: int, seq_len: in
         raise InputError("give inputs or a corpus size, not both")
     if not inputs and size_mb <= 0:
         raise InputError("give inputs or a corpus size in MB")
-    work = Path(work).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    say = (lambda s: print(s, file=sys.stderr, flush=True)) if echo is not None else (lambda s: None)
 
+
+def _corpus_files(inputs, size_mb: float, work: Path, say) -> tuple[list[Path], Any]:
+    """(corpus files, how the report names the source)."""
     if inputs:
-        files, source = resolve_files(list(inputs), work), list(inputs)
-    else:
-        say(f"bench data: building a {size_mb:g} MB corpus from builtin:python-docs in {work}")
-        files, source = build_corpus(size_mb, work / f"corpus-{size_mb:g}mb"), f"builtin:python-docs, {size_mb:g} MB"
-    run_dir = work / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    run_dir.mkdir(parents=True)
-    files = scale_files(files, scale, run_dir / "scaled")
-    corpus_bytes = sum(f.stat().st_size for f in files)
-    say(f"bench data: training the shared tokenizer (not timed) on {len(files)} file(s)")
-    tokenizer = train_shared_tokenizer(files, work / "tokenizer")
-    tok_dir = tokenizer["dir"]
+        return resolve_files(list(inputs), work), list(inputs)
+    say(f"bench data: building a {size_mb:g} MB corpus from builtin:python-docs in {work}")
+    return build_corpus(size_mb, work / f"corpus-{size_mb:g}mb"), f"builtin:python-docs, {size_mb:g} MB"
 
-    ray_tmp = tempfile.mkdtemp(prefix="mlmbd-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    env = _env(run_dir, ray_tmp)
-    str_files = [str(f) for f in files]
-    cores = os.cpu_count() or 1
-    runs: dict[str, dict[str, Any]] = {}
 
-    def partial() -> None:  # what is done so far survives an interrupted benchmark
-        (run_dir / "partial.json").write_text(json.dumps({"corpus_bytes": corpus_bytes, "files": len(files),
-                                                          "tokenizer": tokenizer, "runs": runs}, indent=2, default=str))
+class _Bench:
+    """The three contenders on one corpus, one subprocess tree each, in turn; `runs`
+    holds what each measured (and `partial.json` what is done so far, which survives an
+    interrupted benchmark)."""
 
-    try:
-        say(f"bench data: raw tokenizers {raw_method} ...")
-        measured = run_measured(_child_entry("_run_raw") + [json.dumps(
-            {"files": str_files, "tokenizer": tok_dir, "method": raw_method, "result": str(run_dir / "raw.json")})],
-            env, run_dir / "logs", "raw")
-        runs["raw"] = json.loads((run_dir / "raw.json").read_text()) | measured
-        partial()
+    def __init__(self, run_dir: Path, files: list[Path], tokenizer: dict[str, Any], seq_len: int, say):
+        self.run_dir, self.tokenizer, self.seq_len, self.say = run_dir, tokenizer, seq_len, say
+        self.files = [str(f) for f in files]
+        self.corpus_bytes = sum(f.stat().st_size for f in files)
+        self.cores = os.cpu_count() or 1
+        self.ray_tmp = tempfile.mkdtemp(prefix="mlmbd-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+        self.env = _env(run_dir, self.ray_tmp)
+        self.runs: dict[str, dict[str, Any]] = {}
 
-        say("bench data: mlm prepare ...")
-        out_dir = run_dir / "prepare-out"
-        measured = run_measured([sys.executable, "-m", "mlm.cli", "prepare", *str_files, "--out", str(out_dir),
-                                 "--preset", "tiny", "--set", f"tokenizer.path={tok_dir}",
-                                 "--set", f"data.seq_len={seq_len}", "--overwrite"], env, run_dir / "logs", "prepare")
-        runs["prepare"] = _prepare_numbers(out_dir) | measured | {"output_mb": round(_dir_mb(out_dir), 1)}
-        partial()
+    def _measure(self, name: str, cmd: list[str]) -> dict[str, Any]:
+        return run_measured(cmd, self.env, self.run_dir / "logs", name)
 
-        if not skip_hf:
-            say("bench data: HF datasets (run_mlm.py way) ...")
-            hf_out = run_dir / "hf.parquet"
-            measured = run_measured(_child_entry("_run_hf") + [json.dumps(
-                {"files": str_files, "tokenizer": tok_dir, "seq_len": seq_len, "num_proc": cores,
-                 "out": str(hf_out), "result": str(run_dir / "hf.json")})], env, run_dir / "logs", "hf")
-            runs["hf"] = json.loads((run_dir / "hf.json").read_text()) | measured | {
-                "output_mb": round(hf_out.stat().st_size / 1e6, 1), "cache_mb": round(_dir_mb(run_dir / "hf-cache"), 1)}
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-        if not keep_outputs:
-            for p in ("prepare-out", "hf-cache", "hf-home", "hf.parquet", "mlm-home", "scaled"):
-                target = run_dir / p
-                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    def _partial(self) -> None:
+        (self.run_dir / "partial.json").write_text(json.dumps(
+            {"corpus_bytes": self.corpus_bytes, "files": len(self.files), "tokenizer": self.tokenizer, "runs": self.runs},
+            indent=2, default=str))
 
+    def raw(self, method: str) -> None:
+        self.say(f"bench data: raw tokenizers {method} ...")
+        result = self.run_dir / "raw.json"
+        measured = self._measure("raw", _child_entry("_run_raw") + [json.dumps(
+            {"files": self.files, "tokenizer": self.tokenizer["dir"], "method": method, "result": str(result)})])
+        self.runs["raw"] = json.loads(result.read_text()) | measured
+        self._partial()
+
+    def prepare(self) -> None:
+        self.say("bench data: mlm prepare ...")
+        out_dir = self.run_dir / "prepare-out"
+        measured = self._measure("prepare", [
+            sys.executable, "-m", "mlm.cli", "prepare", *self.files, "--out", str(out_dir), "--preset", "tiny",
+            "--set", f"tokenizer.path={self.tokenizer['dir']}", "--set", f"data.seq_len={self.seq_len}", "--overwrite"])
+        self.runs["prepare"] = _prepare_numbers(out_dir) | measured | {"output_mb": round(_dir_mb(out_dir), 1)}
+        self._partial()
+
+    def hf(self) -> None:
+        self.say("bench data: HF datasets (run_mlm.py way) ...")
+        hf_out, result = self.run_dir / "hf.parquet", self.run_dir / "hf.json"
+        measured = self._measure("hf", _child_entry("_run_hf") + [json.dumps(
+            {"files": self.files, "tokenizer": self.tokenizer["dir"], "seq_len": self.seq_len, "num_proc": self.cores,
+             "out": str(hf_out), "result": str(result)})])
+        self.runs["hf"] = json.loads(result.read_text()) | measured | {
+            "output_mb": round(hf_out.stat().st_size / 1e6, 1), "cache_mb": round(_dir_mb(self.run_dir / "hf-cache"), 1)}
+
+    def clean(self, keep_outputs: bool) -> None:
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        if keep_outputs:
+            return
+        for p in ("prepare-out", "hf-cache", "hf-home", "hf.parquet", "mlm-home", "scaled"):
+            target = self.run_dir / p
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+def _with_rates(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """tokens/s and tokens per CPU-second of each run (content tokens: the same work)."""
     for r in runs.values():
         if r["content_tokens"] is None:  # a layout whose specials we cannot subtract: count raw's
             r["content_tokens"], r["content_tokens_from"] = runs["raw"]["content_tokens"], "raw"
@@ -667,6 +733,10 @@ def bench_data(inputs: list[str] | None, size_mb: float, scale: int, seq_len: in
         r["tokens_per_cpu_s"] = r["content_tokens"] / r["cpu_s"] if r["cpu_s"] else None
         r["wall_s"] = round(r["wall_s"], 2)
         r["peak_mib"] = round(r["peak_mib"], 1)
+    return runs
+
+
+def _ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
     ratios: dict[str, float] = {}
     for ref in ("raw", "hf"):
         if ref in runs:
@@ -675,20 +745,7 @@ def bench_data(inputs: list[str] | None, size_mb: float, scale: int, seq_len: in
             if runs["prepare"]["tokens_per_cpu_s"] and runs[ref]["tokens_per_cpu_s"]:
                 ratios[f"prepare_over_{ref}_tokens_per_cpu_s"] = (runs["prepare"]["tokens_per_cpu_s"]
                                                                   / runs[ref]["tokens_per_cpu_s"])
-    result = {
-        "corpus": {"source": source, "files": len(files), "bytes": corpus_bytes, "scale": scale},
-        "seq_len": seq_len,
-        "cores": cores,
-        "tokenizer": tokenizer,
-        "runs": runs,
-        "ratios": ratios,
-        "memory": "peak of the summed PSS of each subprocess and all its descendants, sampled every 0.25 s",
-        "run_dir": str(run_dir),
-    }
-    (run_dir / "results.json").write_text(json.dumps(result, indent=2, default=str))
-    if echo is not None:
-        echo(format_report(result))
-    return result
+    return ratios
 
 
 def format_report(r: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ LAYERS = [
     "config",     # typed configuration and presets
     "storage",    # local paths and object-store URIs; commit rules
     "runtime",    # work folder, the Ray instance, the MLflow store, quiet Ray Data
+    "progress",   # one progress line per stage, on stderr
     "corpus",     # input files -> cleaned documents
     "masking",    # masking strategies (pure numpy)
     "tokenizer",  # train/load/fingerprint tokenizers; the document encoder
