@@ -19,12 +19,16 @@ advertises a GPU, the head starts MLflow, nothing binds the dashboard or
 MLflow to 0.0.0.0, the repo is synced and installed, ...), and the
 credentials: Ray token authentication on every node, MLflow basic auth with
 secrets generated on the head (never written in the repository), the admin
-password kept away from the Ray processes.
+password and the database URIs kept away from the Ray processes, MLflow's
+stores on PostgreSQL (head-local by default, or the operator's database).
 
 The start commands that handle secrets are also *executed*, in a temporary
-directory standing in for /home/ubuntu, with stubs for `mlflow`, `ray`, `curl`
-and `ip` that record their arguments and environment: files and modes,
-regeneration on a second start, and which process sees which secret.
+directory standing in for /home/ubuntu, with stubs for `mlflow`, `ray`, `curl`,
+`ip` and `sudo` (the head-local PostgreSQL's `psql`) that record their
+arguments, stdin and environment: files and modes, regeneration on a second
+start, and which process sees which secret. The real deploy/aws/mlflow_store.py
+runs there; tests/integration/test_registry_ops.py runs it against a real
+PostgreSQL and a real MLflow server.
 
 No cluster is started and no network is used.
 """
@@ -65,7 +69,12 @@ TOKEN_PATH = "/home/ubuntu/.ray/auth_token"
 SECRETS_DIR = "/home/ubuntu/mlm-work/secrets"
 CLIENT_ENV = SECRETS_DIR + "/mlflow-client.env"
 SERVER_ENV = SECRETS_DIR + "/mlflow-server.env"
-MLFLOW_DB_URI = "sqlite:////home/ubuntu/mlm-work/mlflow.db"
+DB_ENV = SECRETS_DIR + "/mlflow-db.env"
+BACKEND_ENV = SECRETS_DIR + "/mlflow-backend.env"
+AUTH_INI = SECRETS_DIR + "/mlflow-auth.ini"
+STORE_SCRIPT = "deploy/aws/mlflow_store.py"
+# Files only the MLflow server's start command may read: admin password, database URIs.
+SERVER_ONLY = ("mlflow-server.env", "mlflow-db.env", "mlflow-backend.env", "mlflow-auth.ini", "mlflow_store.py")
 PUBLIC_BIND_ADDRESSES = {"0.0.0.0", "::", "[::]", "*"}
 LOOPBACK_ADDRESSES = {"127.0.0.1", "localhost", "::1"}
 
@@ -238,7 +247,11 @@ def test_head_starts_mlflow_server(config):
     assert len(cmds) == 1, "exactly one head command must start `mlflow server`"
     cmd = cmds[0]
     assert "nohup" in cmd, "MLflow must outlive the SSH session that starts it"
-    assert f"--backend-store-uri {MLFLOW_DB_URI}" in cmd
+    # The store's URI holds the database password: it reaches `mlflow server` through
+    # MLFLOW_BACKEND_STORE_URI (from a 0600 file), never through its command line.
+    assert "--backend-store-uri" not in cmd and "sqlite:" not in cmd
+    load = cmd.index('. "$SECRETS/mlflow-backend.env"')
+    assert cmd.index(f"python3 {REPO_MOUNT}/{STORE_SCRIPT}") < load < cmd.index("mlflow server")
     assert "--serve-artifacts" in cmd
     assert "--artifacts-destination" in cmd
     assert re.search(r"MLFLOW_ARTIFACTS_DESTINATION=s3://\S+", cmd) or re.search(
@@ -373,25 +386,28 @@ def test_mlflow_server_requires_login(config):
     assert any('"mlflow[auth]' in c for c in _commands(config, "head_setup_commands"))
 
 
-def _auth_ini_path(cmd: str) -> Path:
-    m = re.search(r"MLFLOW_AUTH_CONFIG_PATH=(\S+?);", cmd)
-    assert m, "point MLFLOW_AUTH_CONFIG_PATH at the repository's auth config"
-    remote = m.group(1)
+def _auth_ini_template(cmd: str) -> Path:
+    m = re.search(rf'python3 {re.escape(REPO_MOUNT)}/{re.escape(STORE_SCRIPT)} "\$SECRETS" (\S+)', cmd)
+    assert m, "the head renders the auth config from the repository's template"
+    remote = m.group(1).rstrip(";")
     assert remote.startswith(REPO_MOUNT + "/"), remote
     return REPO_ROOT / remote[len(REPO_MOUNT) + 1:]
 
 
 def test_mlflow_auth_config_has_no_password(config):
     (cmd,) = _mlflow_server_commands(config)
-    ini_path = _auth_ini_path(cmd)
+    ini_path = _auth_ini_template(cmd)
     assert ini_path.is_file(), ini_path
     ini = configparser.ConfigParser()
     ini.read(ini_path)
     section = ini["mlflow"]
     assert "admin_password" not in section, "the admin password is generated on the head, not committed"
-    assert section["database_uri"] == "sqlite:////home/ubuntu/mlm-work/mlflow-auth.db"
+    # The auth store's URI carries the database password: the head fills it in, in secrets/.
+    assert "database_uri" not in section
     assert section["default_permission"] in {"READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS"}
     assert section["authorization_function"] == "mlflow.server.auth:authenticate_request_basic_auth"
+    m = re.search(r"MLFLOW_AUTH_CONFIG_PATH=(\S+?);", cmd)
+    assert m and m.group(1) == AUTH_INI, "MLflow must read the rendered (0600) auth config"
 
 
 def test_mlflow_secrets_are_generated_once_on_the_head(config):
@@ -407,14 +423,17 @@ def test_mlflow_secrets_are_generated_once_on_the_head(config):
 
 
 def test_admin_password_stays_with_the_mlflow_server(config):
-    # Only the server's own command reads the server env file...
-    readers = [c for c in _commands(config) if "mlflow-server.env" in c]
-    assert readers == _mlflow_server_commands(config)
+    # Only the server's own command reads the server env file and the database URIs...
+    server_cmds = _mlflow_server_commands(config)
+    assert [c for c in _commands(config) if "mlflow-server.env" in c] == server_cmds
+    for name in SERVER_ONLY:
+        assert not [c for c in _commands(config) if name in c and c not in server_cmds], name
     # ... the workers receive only the service account ...
     assert config.get("cluster_synced_files") == [CLIENT_ENV]
     # ... and the Ray start commands never load it.
     for cmd in _ray_start_commands(config).values():
-        assert "mlflow-server.env" not in cmd and "MLFLOW_AUTH_ADMIN" not in cmd
+        assert "MLFLOW_AUTH_ADMIN" not in cmd and "MLFLOW_BACKEND_STORE_URI" not in cmd
+        assert not any(name in cmd for name in SERVER_ONLY)
 
 
 def test_service_account_is_provisioned_after_health_check(config):
@@ -425,12 +444,28 @@ def test_service_account_is_provisioned_after_health_check(config):
     assert cmd.index("/health") < m.start()
 
 
+def test_head_installs_the_postgresql_store(config):
+    setup = _commands(config, "head_setup_commands")
+    pip = [c for c in setup if "pip install" in c]
+    # The head installs what pyproject.toml's `server` extra lists (psycopg2 for PostgreSQL).
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    extra = re.search(r"^server = \[(.*)\]$", pyproject, re.M).group(1)
+    for req in re.findall(r'"([A-Za-z0-9_.-]+)', extra):
+        assert any(re.search(rf"\b{re.escape(req)}\b", c) for c in pip), req
+    assert "psycopg2-binary" in extra
+    assert any("apt-get" in c and "install -y" in c and "postgresql" in c for c in setup)
+    # Workers never run PostgreSQL.
+    prepared = prepare_config(copy.deepcopy(config))
+    assert not any("postgresql" in c for c in prepared["worker_setup_commands"])
+
+
 def test_no_literal_secrets_in_cluster_yaml():
     text = CLUSTER_YAML.read_text()
     assert "password1234" not in text  # MLflow's old default admin password
     assert not re.search(r"\b[0-9a-f]{32,}\b", text), "looks like a committed token"
+    assert not re.search(r"postgres(ql)?(\+\w+)?://[^\s:/@]+:[^\s@]+@", text), "a database password in cluster.yaml"
     for var in ("RAY_AUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD",
-                "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+                "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_BACKEND_STORE_URI"):
         for m in re.finditer(rf"\b{var}=(\S*)", text):
             assert m.group(1).startswith(("%s", "$", "//")), f"literal value for {var}: {m.group(0)}"
 
@@ -452,6 +487,16 @@ STUB_RAY = """#!/bin/sh
 printf '%s\\n' "$@" > "$STUB_LOG/ray.args"
 env > "$STUB_LOG/ray.env"
 """
+# `sudo -u postgres psql ...` (the head-local PostgreSQL) and `dpkg -s`: record, answer 0
+# (or $STUB_SUDO_RC / $STUB_DPKG_RC).
+STUB_SUDO = """#!/bin/sh
+printf '%s\\n' "$@" -- >> "$STUB_LOG/sudo.args"
+cat >> "$STUB_LOG/sudo.stdin"
+exit "${STUB_SUDO_RC:-0}"
+"""
+STUB_DPKG = """#!/bin/sh
+exit "${STUB_DPKG_RC:-0}"
+"""
 STUB_SERVICE_USER = """import os, sys
 open(os.path.join(os.environ["STUB_LOG"], "service_user.args"), "w").write("\\n".join(sys.argv[1:]))
 open(os.path.join(os.environ["STUB_LOG"], "service_user.admin"), "w").write(
@@ -469,11 +514,15 @@ class Sandbox:
         self.log = root / "log"
         for d in (self.home / "mlm" / "deploy" / "aws", self.home / "mlm-work", self.home / ".ray", self.bin, self.log):
             d.mkdir(parents=True, exist_ok=True)
-        for name, body in (("ip", STUB_IP), ("curl", STUB_CURL), ("mlflow", STUB_MLFLOW), ("ray", STUB_RAY)):
+        for name, body in (("ip", STUB_IP), ("curl", STUB_CURL), ("mlflow", STUB_MLFLOW), ("ray", STUB_RAY),
+                           ("sudo", STUB_SUDO), ("dpkg", STUB_DPKG)):
             (self.bin / name).write_text(body)
             (self.bin / name).chmod(0o755)
         (self.bin / "python3").symlink_to(sys.executable)
-        (self.home / "mlm" / "deploy" / "aws" / "mlflow_service_user.py").write_text(STUB_SERVICE_USER)
+        aws = self.home / "mlm" / "deploy" / "aws"
+        (aws / "mlflow_service_user.py").write_text(STUB_SERVICE_USER)
+        for real in ("mlflow_store.py", "mlflow-auth.ini"):  # the real ones, as the head runs them
+            shutil.copy(REPO_ROOT / "deploy" / "aws" / real, aws / real)
 
     def path(self, remote: str) -> Path:
         assert remote.startswith(HOME)
@@ -483,7 +532,21 @@ class Sandbox:
         cmd = cmd.replace(HOME, str(self.home))
         cmd = cmd.replace("s3://CHANGE-ME-mlm-bucket/mlflow-artifacts", "s3://test-bucket/mlflow-artifacts")
         full_env = {"PATH": f"{self.bin}:/usr/bin:/bin", "HOME": str(self.home), "STUB_LOG": str(self.log), **env}
-        return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=full_env, timeout=60)
+        return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=full_env, timeout=60,
+                              stdin=subprocess.DEVNULL)
+
+    def sudo_calls(self) -> List[List[str]]:
+        log = self.log / "sudo.args"
+        if not log.exists():
+            return []
+        calls, cur = [], []
+        for arg in log.read_text().split("\n")[:-1]:
+            if arg == "--":
+                calls.append(cur)
+                cur = []
+            else:
+                cur.append(arg)
+        return calls
 
     def recorded_env(self, name: str) -> Dict[str, str]:
         lines = (self.log / f"{name}.env").read_text().splitlines()
@@ -537,19 +600,41 @@ def test_head_mlflow_start_generates_and_keeps_secrets(config, sandbox):
     server, client = _read_env_file(server_env), _read_env_file(client_env)
     assert server["MLFLOW_AUTH_ADMIN_USERNAME"] == "admin"
     assert client["MLFLOW_TRACKING_USERNAME"] == "mlm"
+
+    # The head-local PostgreSQL: a generated password for the role `mlflow`, two databases.
+    db_env = sandbox.path(DB_ENV)
+    assert _mode(db_env) == 0o600
+    db = _read_env_file(db_env)
+    m = re.fullmatch(r"postgresql\+psycopg2://mlflow:([\w-]+)@127\.0\.0\.1:5432/mlflow", db["MLM_MLFLOW_DB_URI"])
+    assert m, db["MLM_MLFLOW_DB_URI"]
+    db_password = m.group(1)
+    assert db["MLM_MLFLOW_AUTH_DB_URI"] == db["MLM_MLFLOW_DB_URI"] + "_auth"
     generated = [server["MLFLOW_AUTH_ADMIN_PASSWORD"], server["MLFLOW_FLASK_SERVER_SECRET_KEY"],
-                 client["MLFLOW_TRACKING_PASSWORD"]]
-    assert len(set(generated)) == 3 and all(len(v) >= 40 for v in generated)
+                 client["MLFLOW_TRACKING_PASSWORD"], db_password]
+    assert len(set(generated)) == 4 and all(len(v) >= 40 for v in generated)
     assert "password1234" not in generated
+    # ... set up as the `postgres` superuser, the password on psql's stdin, not in its argv.
+    (psql,) = sandbox.sudo_calls()
+    assert psql[:5] == ["-n", "-u", "postgres", "psql", "-X"] and psql[psql.index("-p") + 1] == "5432"
+    assert not any(db_password in a for a in psql)
+    sql = (sandbox.log / "sudo.stdin").read_text()
+    assert f"ALTER ROLE \"mlflow\" WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD '{db_password}';" in sql
+    for name in ("mlflow", "mlflow_auth"):
+        assert f"SELECT format('CREATE DATABASE %I OWNER %I', '{name}', 'mlflow')" in sql
 
     # The server got the admin password and secret key in its environment, not on its command line.
     seen = sandbox.recorded_env("mlflow")
     assert seen["MLFLOW_AUTH_ADMIN_PASSWORD"] == server["MLFLOW_AUTH_ADMIN_PASSWORD"]
     assert seen["MLFLOW_FLASK_SERVER_SECRET_KEY"] == server["MLFLOW_FLASK_SERVER_SECRET_KEY"]
-    assert seen["MLFLOW_AUTH_CONFIG_PATH"].endswith("/mlm/deploy/aws/mlflow-auth.ini")
+    # The stores: tracking URI in the environment, the auth store's in the rendered 0600 ini.
+    assert seen["MLFLOW_BACKEND_STORE_URI"] == db["MLM_MLFLOW_DB_URI"]
+    assert seen["MLFLOW_AUTH_CONFIG_PATH"] == str(sandbox.path(AUTH_INI))
+    assert _mode(sandbox.path(AUTH_INI)) == 0o600 and _mode(sandbox.path(BACKEND_ENV)) == 0o600
+    assert _auth_config(sandbox.path(AUTH_INI)).database_uri == db["MLM_MLFLOW_AUTH_DB_URI"]
     argv = (sandbox.log / "mlflow.args").read_text().split("\n")
     assert argv[:3] == ["server", "--app-name", "basic-auth"]
     assert argv[argv.index("--host") + 1] == "10.0.1.23"
+    assert "--backend-store-uri" not in argv
     assert not any(secret in " ".join(argv) for secret in generated)
 
     # The provisioning step ran as admin against the server, with the client file.
@@ -570,6 +655,106 @@ def test_head_mlflow_start_generates_and_keeps_secrets(config, sandbox):
     _wait_for(sandbox.log / "mlflow.env")
     assert sandbox.path("/home/ubuntu/mlm-work/mlflow.pid").read_text() != first_pid
     assert _read_env_file(server_env) == server and _read_env_file(client_env) == client
+    assert _read_env_file(db_env) == db and sandbox.recorded_env("mlflow")["MLFLOW_BACKEND_STORE_URI"] == db["MLM_MLFLOW_DB_URI"]
+
+
+def _auth_config(path: Path):
+    """The auth config as MLflow itself reads it (MLFLOW_AUTH_CONFIG_PATH), with MLflow's own
+    reader: mlflow/server/auth/config.py, loaded by path (importing the `mlflow.server`
+    package would build the whole server app: seconds)."""
+    import importlib.util
+
+    import mlflow
+
+    spec = importlib.util.spec_from_file_location(
+        "_mlflow_auth_config", Path(mlflow.__file__).parent / "server" / "auth" / "config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_AUTH_CONFIG_PATH", str(path))
+        return module.read_auth_config()
+
+
+def _start_with_db_env(sandbox: Sandbox, config, text: str) -> subprocess.CompletedProcess:
+    sandbox.path(SECRETS_DIR).mkdir(parents=True, exist_ok=True)
+    sandbox.path(DB_ENV).write_text(text)
+    (cmd,) = _mlflow_server_commands(config)
+    return sandbox.run(cmd)
+
+
+@needs_bash
+def test_head_mlflow_start_uses_the_operators_database(config, sandbox):
+    # RDS-style: a %-escaped password, TLS options with `&` (the file is never sourced by a shell).
+    uri = ("postgresql+psycopg2://mlflow:s3cr%25et%26x@mlm.abc123.us-west-2.rds.amazonaws.com:5432/mlflow"
+           "?sslmode=verify-full&sslrootcert=/home/ubuntu/rds-ca.pem")
+    res = _start_with_db_env(sandbox, config, f"# the team's RDS\nMLM_MLFLOW_DB_URI='{uri}'\n")
+    assert res.returncode == 0, res.stderr
+    _wait_for(sandbox.log / "mlflow.env")
+    assert sandbox.sudo_calls() == []  # nothing done to a head-local PostgreSQL
+    assert sandbox.recorded_env("mlflow")["MLFLOW_BACKEND_STORE_URI"] == uri
+    auth = _auth_config(sandbox.path(AUTH_INI))
+    assert auth.database_uri == uri.replace("/mlflow?", "/mlflow_auth?")
+    assert auth.default_permission == "MANAGE" and auth.admin_username == "admin"
+    assert "mlm.abc123.us-west-2.rds.amazonaws.com" in res.stdout and "s3cr" not in res.stdout + res.stderr
+
+
+@needs_bash
+def test_head_mlflow_start_leaves_a_tunnel_on_loopback_alone(config, sandbox):
+    # A Cloud SQL Auth Proxy (or SSH tunnel) on the head's loopback is not the head's PostgreSQL.
+    uri = "postgresql+psycopg2://mlflow:pw-123@127.0.0.1:6543/mlflow"
+    res = _start_with_db_env(sandbox, config, f"MLM_MLFLOW_DB_URI={uri}\n")
+    assert res.returncode == 0, res.stderr
+    _wait_for(sandbox.log / "mlflow.env")
+    assert sandbox.sudo_calls() == []
+    assert sandbox.recorded_env("mlflow")["MLFLOW_BACKEND_STORE_URI"] == uri
+
+
+@needs_bash
+@pytest.mark.parametrize("line,error", [
+    ("MLM_MLFLOW_DB_URI=postgres://u:p@db.example.com/mlflow", "postgresql://"),
+    ("MLM_MLFLOW_DB_URI=http://10.0.1.5:5000", "scheme"),
+    ("MLM_MLFLOW_DB_URI=postgresql+psycopg2://u:p@db.example.com:5432/", "no database name"),
+    ("MLM_MLFLOW_AUTH_DB_URI=postgresql+psycopg2://u:p@db.example.com/auth", "MLM_MLFLOW_DB_URI is empty"),
+], ids=["postgres-scheme", "not-a-database", "no-database", "no-store-uri"])
+def test_head_mlflow_start_refuses_a_bad_database_uri(config, sandbox, line, error):
+    res = _start_with_db_env(sandbox, config, line + "\n")
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlflow_store: ") and error in lines[0], res.stderr
+    assert "u:p@" not in res.stderr  # the error line never repeats a password
+    assert not (sandbox.log / "mlflow.args").exists() and sandbox.sudo_calls() == []
+
+
+@needs_bash
+def test_head_mlflow_start_keeps_an_earlier_sqlite_store_only_when_asked(config, sandbox):
+    """A head from before PostgreSQL has ~/mlm-work/mlflow.db: switching to an empty store
+    silently would hide every registered model, so the start stops and says what to write."""
+    legacy = sandbox.path("/home/ubuntu/mlm-work/mlflow.db")
+    legacy.write_bytes(b"SQLite format 3\x00")
+    (cmd,) = _mlflow_server_commands(config)
+    res = sandbox.run(cmd)
+    assert res.returncode != 0 and "mlflow-db.env" in res.stderr and "sqlite:///" in res.stderr
+    assert not (sandbox.log / "mlflow.args").exists() and not sandbox.path(DB_ENV).exists()
+    res = _start_with_db_env(sandbox, config, f"MLM_MLFLOW_DB_URI=sqlite:///{legacy}\n")
+    assert res.returncode == 0, res.stderr
+    _wait_for(sandbox.log / "mlflow.env")
+    assert sandbox.recorded_env("mlflow")["MLFLOW_BACKEND_STORE_URI"] == f"sqlite:///{legacy}"
+    assert _auth_config(sandbox.path(AUTH_INI)).database_uri == f"sqlite:///{legacy.with_name('mlflow-auth.db')}"
+    assert sandbox.sudo_calls() == []
+
+
+@needs_bash
+@pytest.mark.parametrize("installed", [True, False])
+def test_head_setup_installs_postgresql_once(config, sandbox, installed):
+    (cmd,) = [c for c in _commands(config, "head_setup_commands") if "postgresql" in c]
+    res = sandbox.run(cmd, STUB_DPKG_RC="0" if installed else "1")
+    assert res.returncode == 0, res.stderr
+    calls = [" ".join(c) for c in sandbox.sudo_calls()]
+    apt = [c for c in calls if "apt-get" in c]
+    assert (apt == []) == installed
+    if not installed:
+        assert "install -y -q postgresql" in apt[-1] and "DEBIAN_FRONTEND=noninteractive" in apt[-1]
+    assert calls[-1] == "systemctl enable --now postgresql"
 
 
 @needs_bash

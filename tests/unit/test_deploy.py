@@ -5,16 +5,25 @@ No Kubernetes API server or CRD schema is available offline, so the manifests ar
 structurally against the fields of KubeRay's CRDs (ray.io/v1, KubeRay 1.6) and against this
 project: Ray versions equal the installed ray, token auth on the cluster every job runs on,
 no secret in any file, and every command line is parsed by the real `mlm` CLI (click) for
-the subcommands that exist, so a renamed option fails here rather than at 02:17.
+the subcommands that exist, so a renamed option fails here rather than at 02:17. The
+autoscaler's Kubernetes credentials are checked against the paths the installed Ray's
+KubeRay node provider reads; the MLflow server's start command (PostgreSQL URIs from a
+Secret) is executed against a stub `mlflow` and its auth config read with MLflow's reader.
 """
 
 from __future__ import annotations
 
 import base64
+import configparser
+import copy
 import importlib.util
 import json
+import os
 import re
 import shlex
+import stat
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -42,7 +51,12 @@ ALLOWED_KINDS = {
     ("ray.io/v1", "RayCronJob"),
     ("batch/v1", "CronJob"),
     ("v1", "PersistentVolumeClaim"),
+    ("apps/v1", "Deployment"),
+    ("v1", "Service"),
+    ("v1", "ServiceAccount"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
 }
+NO_SPEC_KINDS = {"ServiceAccount"}
 # spec fields of KubeRay's RayJob CRD (ray.io/v1); RayCronJob's jobTemplate is a RayJob spec.
 RAYJOB_SPEC_FIELDS = {
     "activeDeadlineSeconds", "backoffLimit", "clusterSelector", "deletionStrategy", "entrypoint",
@@ -95,6 +109,8 @@ def _pod_specs(doc: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
             yield job["submitterPodTemplate"]["spec"]
     elif kind == "CronJob":
         yield spec["jobTemplate"]["spec"]["template"]["spec"]
+    elif kind == "Deployment":
+        yield spec["template"]["spec"]
 
 
 def _containers(doc: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
@@ -173,7 +189,7 @@ def test_manifest_parses_with_known_kinds(path):
         meta = d.get("metadata", {})
         assert meta.get("name") or meta.get("generateName")
         assert "namespace" not in meta, "apply into the namespace of your choice (kubectl -n)"
-        assert isinstance(d.get("spec"), dict)
+        assert d["kind"] in NO_SPEC_KINDS or isinstance(d.get("spec"), dict)
 
 
 def test_ray_version_matches_installed_ray():
@@ -265,9 +281,97 @@ def test_pods_do_not_run_as_root():
     for _, d in _docs():
         for pod in _pod_specs(d):
             assert pod["securityContext"]["runAsNonRoot"] is True
-            assert pod.get("automountServiceAccountToken") is False
         for c in _containers(d):
             assert c["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+# --------------------------------------------------------------------------
+# Kubernetes API credentials: the autoscaler's, and nobody else's
+# --------------------------------------------------------------------------
+def _projected_token_volumes(pod: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    return {v["name"]: v for v in pod.get("volumes", [])
+            if any("serviceAccountToken" in src for src in v.get("projected", {}).get("sources", []))}
+
+
+def _autoscaler_credentials_problem(rc: Dict[str, Any]) -> str | None:
+    """None when the autoscaler sidecar KubeRay adds to the head pod can authenticate to
+    the Kubernetes API (where the installed Ray's KubeRay node provider reads the token and
+    CA) and nothing else in the cluster can; else what is wrong."""
+    from ray.autoscaler._private.kuberay import node_provider
+
+    spec = rc["spec"]
+    if spec.get("enableInTreeAutoscaling") is not True:
+        return "no in-tree autoscaler"
+    head = spec["headGroupSpec"]["template"]["spec"]
+    # KubeRay's ServiceAccount (named after the cluster) has the Role the autoscaler needs; a
+    # serviceAccountName of our own would need its own ServiceAccount, Role and RoleBinding.
+    if head.get("serviceAccountName") not in (None, rc["metadata"]["name"]):
+        return "head pod names a ServiceAccount this repository does not grant the autoscaler's RBAC"
+    token_dir = os.path.dirname(node_provider.IN_CLUSTER_TOKEN_PATH)
+    assert os.path.dirname(node_provider.IN_CLUSTER_CA_CERT_PATH) == token_dir
+    needed = {os.path.basename(node_provider.IN_CLUSTER_TOKEN_PATH), os.path.basename(node_provider.IN_CLUSTER_CA_CERT_PATH)}
+    if head.get("automountServiceAccountToken") is not False:
+        # Automounting also works, but hands the token to the ray-head container (job code).
+        return "the head pod mounts its token into every container"
+    volumes = _projected_token_volumes(head)
+    mounts = [m for m in (spec.get("autoscalerOptions") or {}).get("volumeMounts", [])
+              if m["name"] in volumes and os.path.normpath(m["mountPath"]) == token_dir]
+    if len(mounts) != 1:
+        return f"no token volume mounted at {token_dir} in the autoscaler container (autoscalerOptions.volumeMounts)"
+    sources = volumes[mounts[0]["name"]]["projected"]["sources"]
+    paths = set()
+    for src in sources:
+        if "serviceAccountToken" in src:
+            paths.add(src["serviceAccountToken"]["path"])
+            if src["serviceAccountToken"].get("expirationSeconds", 3600) > 86400:
+                return "a token valid for more than a day"
+        for item in src.get("configMap", {}).get("items", []):
+            if src["configMap"]["name"] == "kube-root-ca.crt" and item["key"] == "ca.crt":
+                paths.add(item["path"])
+        for item in src.get("downwardAPI", {}).get("items", []):
+            if item.get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
+                paths.add(item["path"])
+    if not needed | {"namespace"} <= paths:
+        return f"the token volume lacks {sorted(needed | {'namespace'} - paths)}"
+    for c in head["containers"]:
+        if any(m["name"] in volumes for m in c.get("volumeMounts", [])):
+            return f"container {c['name']} of the head pod mounts the autoscaler's token"
+    return None
+
+
+def test_autoscaler_can_reach_the_kubernetes_api_and_only_it():
+    rc = _raycluster()
+    assert _autoscaler_credentials_problem(rc) is None, _autoscaler_credentials_problem(rc)
+
+
+@pytest.mark.parametrize("mutation", ["no-mount", "mount-elsewhere", "no-ca", "ray-head-mounts", "own-sa"])
+def test_autoscaler_credentials_check_can_fail(mutation):
+    rc = copy.deepcopy(_raycluster())
+    spec = rc["spec"]
+    head = spec["headGroupSpec"]["template"]["spec"]
+    (name,) = _projected_token_volumes(head)
+    if mutation == "no-mount":  # what broke scale-up from zero: no token anywhere in the head pod
+        spec["autoscalerOptions"].pop("volumeMounts")
+    elif mutation == "mount-elsewhere":
+        spec["autoscalerOptions"]["volumeMounts"][0]["mountPath"] = "/var/run/secrets/token"
+    elif mutation == "no-ca":
+        vol = next(v for v in head["volumes"] if v["name"] == name)
+        vol["projected"]["sources"] = [s for s in vol["projected"]["sources"] if "configMap" not in s]
+    elif mutation == "ray-head-mounts":
+        head["containers"][0]["volumeMounts"].append({"name": name, "mountPath": "/tmp/sa"})
+    else:
+        head["serviceAccountName"] = "my-own"
+    assert _autoscaler_credentials_problem(rc) is not None
+
+
+def test_no_other_pod_gets_kubernetes_api_credentials():
+    for _, d in _docs():
+        pods = list(_pod_specs(d))
+        assert all(pod.get("automountServiceAccountToken") is False for pod in pods), d["kind"]
+        others = pods[1:] if d["kind"] == "RayCluster" else pods  # the head (first) is checked above
+        assert not any(_projected_token_volumes(pod) for pod in others), f"{d['kind']}: only the autoscaler gets a token"
+    for doc in _of_kind("ServiceAccount"):
+        assert doc.get("automountServiceAccountToken") is False
 
 
 def test_no_plaintext_secrets_in_deploy():
@@ -384,7 +488,8 @@ def test_dockerfile_installs_the_project_and_nothing_local():
     copies = re.findall(r"^COPY\s+(?:--\S+\s+)*(.+?)\s+(\S+)$", text, re.M)
     sources = {s for srcs, _ in copies for s in srcs.split()}
     assert sources == {"pyproject.toml", "README.md", "mlm", "pipelines"}, sources
-    assert re.search(r'pip install[^\n]*\\\n[^\n]*"ray\[default,data,train\]==\$\{RAY_VERSION\}"[^\n]* \.', text)
+    # The project with its `server` extra (the MLflow server of deploy/kuberay/mlflow-server.yaml).
+    assert re.search(r'pip install[^\n]*\\\n[^\n]*"ray\[default,data,train\]==\$\{RAY_VERSION\}"[^\n]* "\.\[server\]"', text)
     assert not re.search(r"^ENV\s+[^\n]*(TOKEN|PASSWORD|SECRET)", text, re.M)
 
 
@@ -526,3 +631,141 @@ def test_service_user_refuses_bad_input(client_env, tmp_path, monkeypatch):
     assert mod.main(["x", "http://127.0.0.1:9", str(admin_file)]) == 2  # jobs never get the admin account
     assert mod.read_env_file(str(client_env)) == {
         "MLFLOW_TRACKING_USERNAME": "mlm", "MLFLOW_TRACKING_PASSWORD": "service-pw-123456"}
+
+
+# --------------------------------------------------------------------------
+# the MLflow server for KubeRay: PostgreSQL URIs from a Secret
+# --------------------------------------------------------------------------
+MLFLOW_SERVER_SECRET = "mlm-mlflow-server"
+# Records argv and environment, like the real server would receive them.
+STUB_MLFLOW = """#!/usr/bin/env python3
+import json, os, sys
+json.dump({"argv": sys.argv[1:], "env": dict(os.environ)}, open(os.environ["STUB_LOG"], "w"))
+"""
+
+
+def _mlflow_module(relpath: str):
+    """A module of the installed MLflow, loaded by path: importing the `mlflow.server`
+    package would build the whole server app (seconds)."""
+    import mlflow
+
+    spec = importlib.util.spec_from_file_location(f"_mlflow_{Path(relpath).stem}", Path(mlflow.__file__).parent / relpath)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _mlflow_deployment() -> Dict[str, Any]:
+    (dep,) = [d for d in _of_kind("Deployment") if d["metadata"]["name"] == "mlflow"]
+    return dep
+
+
+def _mlflow_container() -> Dict[str, Any]:
+    (c,) = _mlflow_deployment()["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def _run_mlflow_container(tmp_path: Path, secret: Dict[str, str]) -> Tuple[subprocess.CompletedProcess, Dict[str, Any] | None]:
+    """The container's command as Kubernetes runs it: the manifest's env, the Secret's keys
+    (envFrom), a stub `mlflow` first on PATH."""
+    c = _mlflow_container()
+    env = {e["name"]: e["value"] for e in c["env"]}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    env["MLFLOW_AUTH_CONFIG_PATH"] = str(run_dir / Path(env["MLFLOW_AUTH_CONFIG_PATH"]).name)
+    stub_dir = tmp_path / "bin"
+    stub_dir.mkdir()
+    (stub_dir / "mlflow").write_text(STUB_MLFLOW.replace("/usr/bin/env python3", sys.executable))
+    (stub_dir / "mlflow").chmod(0o755)
+    log = tmp_path / "mlflow.json"
+    env.update(secret, PATH=f"{stub_dir}:/usr/bin:/bin", STUB_LOG=str(log))
+    assert c["command"][0] == "python"
+    out = subprocess.run([sys.executable, *c["command"][1:]], env=env, capture_output=True, text=True, timeout=60)
+    return out, (json.loads(log.read_text()) if log.exists() else None)
+
+
+def test_mlflow_server_gets_its_databases_from_a_secret():
+    c = _mlflow_container()
+    assert c["envFrom"] == [{"secretRef": {"name": MLFLOW_SERVER_SECRET}}]
+    names = {e["name"] for e in c["env"]}
+    assert not names & {"MLM_MLFLOW_DB_URI", "MLM_MLFLOW_AUTH_DB_URI", "MLFLOW_BACKEND_STORE_URI",
+                        "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"}, "from the Secret only"
+    # The same image as the Ray pods (it carries the `server` extra: psycopg2, mlflow[auth]).
+    images = {x["image"] for x in _containers(_raycluster())}
+    assert c["image"] in images
+    # The rendered auth config (it holds a password) lives in memory.
+    pod = _mlflow_deployment()["spec"]["template"]["spec"]
+    (mount,) = c["volumeMounts"]
+    (vol,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert vol["emptyDir"]["medium"] == "Memory"
+    assert os.path.dirname({e["name"]: e.get("value") for e in c["env"]}["MLFLOW_AUTH_CONFIG_PATH"]) == mount["mountPath"]
+
+
+def test_mlflow_server_command_runs_on_postgresql(tmp_path):
+    uri = "postgresql://mlflow:p%25w&x@db.example.com:5432/mlflow?sslmode=verify-full"
+    out, seen = _run_mlflow_container(tmp_path, {"MLM_MLFLOW_DB_URI": uri, "MLFLOW_AUTH_ADMIN_PASSWORD": "adm-pw-1234",
+                                                 "MLFLOW_FLASK_SERVER_SECRET_KEY": "k" * 40})
+    assert out.returncode == 0, out.stderr
+    argv, env = seen["argv"], seen["env"]
+    assert argv[:3] == ["server", "--app-name", "basic-auth"]
+    assert argv[argv.index("--artifacts-destination") + 1] == "s3://CHANGE-ME-bucket/mlflow-artifacts"
+    assert "--backend-store-uri" not in argv and not any("p%25w" in a or "adm-pw" in a for a in argv)
+    # psycopg2 spelled out: SQLAlchemy >= 2.1 maps a bare postgresql:// to psycopg 3.
+    assert env["MLFLOW_BACKEND_STORE_URI"] == uri.replace("postgresql://", "postgresql+psycopg2://")
+    assert "MLM_MLFLOW_DB_URI" not in env
+    ini = Path(env["MLFLOW_AUTH_CONFIG_PATH"])
+    assert stat.S_IMODE(ini.stat().st_mode) == 0o600
+    config = _mlflow_module("server/auth/config.py")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_AUTH_CONFIG_PATH", str(ini))
+        mp.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", env["MLFLOW_AUTH_ADMIN_PASSWORD"])
+        auth = config.read_auth_config()
+    assert auth.database_uri == "postgresql+psycopg2://mlflow:p%25w&x@db.example.com:5432/mlflow_auth?sslmode=verify-full"
+    assert auth.admin_username == "admin" and auth.admin_password == "adm-pw-1234"
+    # The same permissions as the head of cluster.yaml.
+    aws = configparser.ConfigParser()
+    aws.read(DEPLOY / "aws" / "mlflow-auth.ini")
+    rendered = configparser.ConfigParser(interpolation=None)
+    rendered.read(ini)
+    assert {k: v for k, v in rendered["mlflow"].items() if k != "database_uri"} == dict(aws["mlflow"])
+    # An explicit auth store wins.
+    (tmp_path / "explicit").mkdir()
+    out, seen = _run_mlflow_container(tmp_path / "explicit", {
+        "MLM_MLFLOW_DB_URI": uri, "MLM_MLFLOW_AUTH_DB_URI": "postgresql+psycopg2://auth:pw@auth-db:5432/users",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "adm-pw-1234", "MLFLOW_FLASK_SERVER_SECRET_KEY": "k" * 40})
+    assert out.returncode == 0, out.stderr
+    rendered = configparser.ConfigParser(interpolation=None)
+    rendered.read(seen["env"]["MLFLOW_AUTH_CONFIG_PATH"])
+    assert rendered["mlflow"]["database_uri"] == "postgresql+psycopg2://auth:pw@auth-db:5432/users"
+
+
+@pytest.mark.parametrize("uri", ["", "postgres://u:pw@db/mlflow", "http://mlflow:5000"], ids=["missing", "postgres-scheme", "a-server"])
+def test_mlflow_server_command_refuses_a_bad_store_uri(tmp_path, uri):
+    out, seen = _run_mlflow_container(tmp_path, {"MLM_MLFLOW_DB_URI": uri} if uri else {})
+    assert out.returncode != 0 and seen is None
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and MLFLOW_SERVER_SECRET in lines[0] and "pw@" not in out.stderr, out.stderr
+
+
+def test_mlflow_server_is_reachable_only_from_this_project():
+    c = _mlflow_container()
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    hosts = [h.strip() for h in env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")]
+    check = _mlflow_module("server/security_utils.py").is_allowed_host_header
+    for ok in ("mlflow:5000", "mlflow.ml.svc:5000", "mlflow.ml.svc.cluster.local:5000", "localhost:5000", "127.0.0.1:5000"):
+        assert check(hosts, ok), ok
+    for bad in ("evil.example.com", "mlflow.evil.example.com:5000", "10.0.0.5:5000"):
+        assert not check(hosts, bad), bad
+    (svc,) = [s for s in _of_kind("Service") if s["metadata"]["name"] == "mlflow"]
+    assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"
+    labels = _mlflow_deployment()["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items()
+    (policy,) = [p for p in _of_kind("NetworkPolicy") if p["metadata"]["name"] == "mlflow"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlm"}}}]
+    assert [p["port"] for p in rule["ports"]] == [5000]
+    # Every Ray pod carries the label the policy admits.
+    rc = _raycluster()
+    for tmpl in [rc["spec"]["headGroupSpec"]["template"]] + [g["template"] for g in rc["spec"]["workerGroupSpecs"]]:
+        assert tmpl["metadata"]["labels"]["app.kubernetes.io/name"] == "mlm"
