@@ -96,7 +96,22 @@ class PostgresServer:
         return f"PostgresServer({self.host}:{self.port}, user={self.user})"
 
 
-def find_bindir() -> Path:
+def find_bindir(install: bool = True) -> Path:
+    """The PostgreSQL server binaries; on a machine without them (a fresh one), as root
+    with apt, Debian's package is installed first, so the README's test command needs
+    nothing beforehand."""
+    try:
+        return _find_bindir()
+    except RuntimeError:
+        if not install or os.geteuid() != 0 or not shutil.which("apt-get"):
+            raise
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "postgresql"]):
+        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=900)
+    return _find_bindir()
+
+
+def _find_bindir() -> Path:
     candidates = []
     if os.environ.get("MLM_PG_BINDIR"):
         candidates.append(Path(os.environ["MLM_PG_BINDIR"]))
