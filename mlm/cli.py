@@ -69,7 +69,7 @@ def prepare(inputs, out_dir, overwrite, preset, overrides) -> None:
 
     cfg = load_config(preset, overrides)
     # a Ray instance started here runs nothing that needs the dashboard
-    m = run(list(inputs), out_dir, cfg, overwrite=overwrite, ray_dashboard=False)
+    m = run(list(inputs), out_dir, cfg, overwrite=overwrite, ray_dashboard=False).to_dict()
     _echo_json({"out": normalize(out_dir), "fingerprint": m["fingerprint"], "documents": m["documents"],
                 "splits": {s: {k: v for k, v in d.items() if k != "shards"} for s, d in m["splits"].items()}})
 
@@ -82,11 +82,11 @@ def prepare(inputs, out_dir, overwrite, preset, overrides) -> None:
 def train(data_dir, out_dir, preset, overrides) -> None:
     """Train the encoder with Ray Train (DDP) on a prepared dataset."""
     from mlm import registry
-    from mlm.shards import read_manifest
+    from mlm.shards import Manifest
     from mlm.train import train as run
 
     cfg = load_config(preset, overrides)
-    read_manifest(data_dir)  # fail fast, before Ray and MLflow start
+    Manifest.read(data_dir)  # fail fast, before Ray and MLflow start
     with registry.stage_run("train", cfg) as r:
         _echo_json(run(data_dir, out_dir, cfg, mlflow_run_id=r.info.run_id))
 
@@ -232,9 +232,9 @@ def data_verify(data_dir) -> None:
 @click.argument("data_dir")
 def data_stats(data_dir) -> None:
     """Print the manifest's numbers."""
-    from mlm.shards import read_manifest
+    from mlm.shards import Manifest
 
-    m = read_manifest(data_dir)
+    m = Manifest.read(data_dir).to_dict()  # the stored JSON's sections, as they are
     _echo_json({
         "inputs": len(m["inputs"]), "skipped_files": {k: len(v) for k, v in m["skipped_files"].items()},
         "documents": m["documents"], "tokenizer": m["tokenizer"], "seq_len": m["seq_len"],

@@ -29,13 +29,13 @@ class EvalError(ValueError):
 OTHER_STRATEGIES = ("whole_word", "span")
 
 
-def _remasked(batches, tokenizer, manifest: dict[str, Any], strategy: str, first_index: int = 0):
+def _remasked(batches, tokenizer, manifest: shards.Manifest, strategy: str, first_index: int = 0):
     from mlm.config import MaskingConfig
     from mlm.masking import Masker, batch_rng
     from mlm.prepare import masker_spec
 
     # span lengths as the masking config's defaults; rate and seed of the evaluation set
-    settings = MaskingConfig().model_dump() | manifest["masking"]["validation"] | {"strategy": strategy}
+    settings = MaskingConfig().model_dump() | manifest.masking["validation"] | {"strategy": strategy}
     masker = Masker(masker_spec(tokenizer, settings, []))
     for i, batch in enumerate(batches, start=first_index):
         ids, labels = shards.column_2d(batch, "input_ids"), shards.column_2d(batch, "labels")
@@ -45,11 +45,11 @@ def _remasked(batches, tokenizer, manifest: dict[str, Any], strategy: str, first
         yield shards.to_table(*masker(original, n, rng), n)
 
 
-def _score_all(net, tokenizer, manifest: dict[str, Any], plan: list[tuple[str, int, int]], first_index: int = 0,
+def _score_all(net, tokenizer, manifest: shards.Manifest, plan: list[tuple[str, int, int]], first_index: int = 0,
                progress=None) -> dict[str, dict[str, float]]:
     """Sums for the evaluation masking ("random") and each re-masked strategy; one
     `progress` step per batch scored."""
-    baseline = manifest["most_frequent_token"]["id"]
+    baseline = manifest.most_frequent_token.id
     out = {"random": score(net, _counted(read_batches(plan), progress), baseline)}
     for strategy in OTHER_STRATEGIES:
         batches = _remasked(read_batches(plan), tokenizer, manifest, strategy, first_index)
@@ -68,7 +68,7 @@ class _RayScorer:
     """Ray Data stage: one evaluation batch (a plan entry) -> its sums. The model is
     loaded once per actor; an MLflow URI is resolved on the actor's node."""
 
-    def __init__(self, model: str, manifest: dict[str, Any]):
+    def __init__(self, model: str, manifest: shards.Manifest):
         import torch
 
         from mlm.model import load_model_dir
@@ -83,7 +83,7 @@ class _RayScorer:
         return {"sums": [json.dumps(sums)]}
 
 
-def _score_on_ray(model: str, manifest: dict[str, Any], plan: list[tuple[str, int, int]],
+def _score_on_ray(model: str, manifest: shards.Manifest, plan: list[tuple[str, int, int]],
                   progress=None) -> dict[str, dict[str, float]]:
     import ray
 
@@ -119,12 +119,12 @@ def evaluate(model: Any, data_dir: str | Path, batch_size: int = 64, max_batches
 
     if engine not in ("local", "ray", "auto"):
         raise EvalError(f"unknown evaluation engine {engine!r}; expected local, ray or auto")
-    manifest = shards.read_manifest(data_dir)
+    manifest = shards.Manifest.read(data_dir)
     plan = plan_batches(shards.shard_paths(data_dir, "validation", verify=True), batch_size)[:max_batches]
     rows = sum(n for _, _, n in plan)
     on_ray = isinstance(model, (str, Path)) and (engine == "ray" or (engine == "auto" and rows >= ray_min_rows))
     model, net, tokenizer = _model_for(model, on_ray)
-    if fingerprint(tokenizer) != manifest["tokenizer"]["fingerprint"] or len(tokenizer) != manifest["tokenizer"]["vocab_size"]:
+    if fingerprint(tokenizer) != manifest.tokenizer.fingerprint or len(tokenizer) != manifest.tokenizer.vocab_size:
         raise EvalError("the model's tokenizer is not the dataset's tokenizer; evaluate on data prepared with it")
     with Progress("evaluate", total=len(plan) * (1 + len(OTHER_STRATEGIES)), unit="batches") as line:
         sums = _score_on_ray(model, manifest, plan, line) if on_ray else _score_all(net, tokenizer, manifest, plan,
@@ -149,7 +149,7 @@ def _model_for(model: Any, on_ray: bool):
     return model, net, tokenizer
 
 
-def _metrics(sums: dict[str, dict[str, float]], manifest: dict[str, Any], data_dir) -> dict[str, Any]:
+def _metrics(sums: dict[str, dict[str, float]], manifest: shards.Manifest, data_dir) -> dict[str, Any]:
     """The sums as metrics: the evaluation masking's, and each re-masked strategy's."""
     counts = sums["random"]
     loss_sum, top1, top5, baseline, n = (counts[k] for k in ("loss_sum", "top1", "top5", "baseline", "n"))
@@ -169,9 +169,9 @@ def _metrics(sums: dict[str, dict[str, float]], manifest: dict[str, Any], data_d
         "top5_accuracy": top5 / n,
         "masked_tokens": n,
         "baseline_top1_accuracy": baseline / n,
-        "baseline_token": manifest["most_frequent_token"]["token"],
-        "data_fingerprint": manifest["fingerprint"],
-        "eval_set": manifest["masking"]["validation"],
+        "baseline_token": manifest.most_frequent_token.token,
+        "data_fingerprint": manifest.fingerprint,
+        "eval_set": manifest.masking["validation"],
     }
 
 

@@ -53,11 +53,11 @@ def pretrain(inputs: list[str], cfg: Config, work: Path | None = None, *, data_d
         pid = parent.info.run_id
         with registry.stage_run("prepare", cfg, pid):
             manifest = prepare(inputs, data_dir, cfg, overwrite=True)
-            mlflow.log_dict(manifest, "manifest.json")
+            mlflow.log_dict(manifest.to_dict(), "manifest.json")
             mlflow.log_metrics({
-                "documents_kept": manifest["documents"]["kept"],
-                "train_tokens": manifest["splits"]["train"]["tokens"],
-                "validation_tokens": manifest["splits"]["validation"]["tokens"],
+                "documents_kept": manifest.documents.kept,
+                "train_tokens": manifest.splits["train"].tokens,
+                "validation_tokens": manifest.splits["validation"].tokens,
             })
         with registry.stage_run("train", cfg, pid) as run:
             summary = train(data_dir, out_dir, cfg, mlflow_run_id=run.info.run_id)

@@ -284,9 +284,8 @@ def _clear_unfinished(out_dir: str, keep: set[str] = frozenset()) -> None:
             storage.delete(storage.join(out_dir, name))
 
 
-def _listed_files(manifest: dict[str, Any]) -> set[str]:
-    names = {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
-    return names | {manifest["tokenizer"]["dir"], TOKEN_COUNTS, DEDUP_HASHES}
+def _listed_files(manifest: shards.Manifest) -> set[str]:
+    return manifest.files() | {manifest.tokenizer.dir, TOKEN_COUNTS, DEDUP_HASHES}
 
 
 SAMPLE_DOC_CHARS = 100_000
@@ -319,13 +318,13 @@ def _incremental_base(out_dir: str, files, cfg: Config, fingerprint_inputs: str,
     plus new files under the same config, (None, None) when there is nothing there."""
     if not storage.exists(storage.join(out_dir, shards.MANIFEST)):
         return None, None
-    existing = shards.read_manifest(out_dir)
+    existing = shards.Manifest.read(out_dir)
     sound = not shards.verify(out_dir)
-    if existing.get("inputs_fingerprint") == fingerprint_inputs and sound:
+    if existing.inputs_fingerprint == fingerprint_inputs and sound:
         return "done", existing
-    old = {(i["path"], i["blake2b"]) for i in existing["inputs"]}
+    old = {(i["path"], i["blake2b"]) for i in existing.inputs}
     new = {(f.path, f.fingerprint) for f in files}
-    if sound and existing.get("config") == _config_sections(cfg) and old < new:
+    if sound and existing.config == _config_sections(cfg) and old < new:
         return "extend", existing
     if not overwrite:
         raise shards.DatasetError(
@@ -521,74 +520,63 @@ def _check_counts(split_shards: dict[str, list], counts: Counter, cfg: Config, o
     return dropped
 
 
-def _add_base_counts(counts: Counter, base: dict[str, Any]) -> None:
+def _add_base_counts(counts: Counter, base: shards.Manifest) -> None:
     """Counts of the dataset being extended, added to this increment's."""
-    for k, v in base["documents"]["dropped"].items():
+    for k, v in base.documents.dropped.items():
         counts[k] += v
     for s in shards.SPLITS:
-        counts[f"docs_{s}"] += base["splits"][s]["documents"]
-    counts["_repaired_utf8"] += base["documents"]["repaired_invalid_utf8"]
-    counts["_latin1"] += base["documents"]["decoded_as_latin1"]
+        counts[f"docs_{s}"] += base.splits[s].documents
+    counts["_repaired_utf8"] += base.documents.repaired_invalid_utf8
+    counts["_latin1"] += base.documents.decoded_as_latin1
 
 
 def _manifest(*, files, skipped, cfg: Config, fingerprint_inputs: str, tokenizer, maskers, split_shards, counts,
-              dropped, ranges: int, base, todo: int, new_shards, token_counts: np.ndarray, started: float) -> dict:
+              dropped, ranges: int, base, todo: int, new_shards, token_counts: np.ndarray,
+              started: float) -> shards.Manifest:
+    """The new dataset's manifest (`split_shards`: every shard entry, the extended
+    dataset's first)."""
     settings = cfg.masking.model_dump()
-    manifest = {
-        "schema_version": shards.SCHEMA_VERSION,
-        "created_unix": int(time.time()),
-        "inputs_fingerprint": fingerprint_inputs,
-        "inputs": [f.to_dict() for f in files],
-        "skipped_files": skipped,
-        "config": _config_sections(cfg),
-        "tokenizer": {
-            "dir": "tokenizer",
-            "fingerprint": tok_mod.fingerprint(tokenizer),
-            "vocab_size": len(tokenizer),
-            "trained": cfg.tokenizer.path is None,
-        },
-        "schema": shards.schema_doc(cfg.data.seq_len, dynamic=cfg.masking.mode == "dynamic"),
-        "seq_len": cfg.data.seq_len,
-        "packing": cfg.data.packing,
-        "masking": {
+    splits = {s: shards.Split(shards=lst, rows=sum(x.rows for x in lst), tokens=sum(x.tokens for x in lst),
+                              masked=sum(x.masked for x in lst), documents=counts.get(f"docs_{s}", 0))
+              for s, lst in split_shards.items()}
+    tokenizer_info = shards.TokenizerInfo(dir="tokenizer", fingerprint=tok_mod.fingerprint(tokenizer),
+                                          vocab_size=len(tokenizer), trained=cfg.tokenizer.path is None)
+    increment = {"created_unix": int(time.time()), "files_added": todo,
+                 "shards_added": {s: len(v) for s, v in new_shards.items()}}
+    top = int(token_counts.argmax())
+    return shards.Manifest(
+        schema_version=shards.SCHEMA_VERSION,
+        created_unix=int(time.time()),
+        inputs_fingerprint=fingerprint_inputs,
+        inputs=[f.to_dict() for f in files],
+        skipped_files=skipped,
+        config=_config_sections(cfg),
+        tokenizer=tokenizer_info,
+        schema=shards.schema_doc(cfg.data.seq_len, dynamic=cfg.masking.mode == "dynamic"),
+        seq_len=cfg.data.seq_len,
+        packing=cfg.data.packing,
+        masking={
             # term_ids: the terms as the tokenizer splits them (the trainer's masker needs them)
             "train": settings | {"term_ids": maskers["train"]["term_ids"]},
             "validation": {k: maskers["validation"][k] for k in ("strategy", "rate", "mask_fraction", "random_fraction",
                                                                   "seed")} | {"mode": "static"},
         },
-        "splits": {
-            s: {
-                "shards": lst,
-                "rows": sum(x["rows"] for x in lst),
-                "tokens": sum(x["tokens"] for x in lst),
-                "masked": sum(x["masked"] for x in lst),
-                "documents": counts.get(f"docs_{s}", 0),
-            }
-            for s, lst in split_shards.items()
-        },
-        "documents": {
-            "kept": sum(counts.get(f"docs_{s}", 0) for s in shards.SPLITS),
-            "dropped": dropped,
-            "repaired_invalid_utf8": counts.get("_repaired_utf8", 0),
-            "decoded_as_latin1": counts.get("_latin1", 0),
-        },
-        "ranges": ranges,
-        "nodes_used": len([k for k in counts if k.startswith("_node:")]),
-        "increments": (base.get("increments", []) if base else []) + [
-            {"created_unix": int(time.time()), "files_added": todo, "shards_added": {s: len(v) for s, v in new_shards.items()}}
-        ],
-        "most_frequent_token": {"id": int(token_counts.argmax()), "token": tokenizer.convert_ids_to_tokens(int(token_counts.argmax()))},
-        "seconds": round(time.time() - started, 1),
-    }
-    manifest["fingerprint"] = hashlib.sha256(
-        json.dumps([manifest["inputs_fingerprint"], [x["sha256"] for s in split_shards.values() for x in s],
-                    manifest["tokenizer"]["fingerprint"]]).encode()
-    ).hexdigest()[:16]
-    return manifest
+        splits=splits,
+        documents=shards.Documents(kept=sum(counts.get(f"docs_{s}", 0) for s in shards.SPLITS), dropped=dropped,
+                                   repaired_invalid_utf8=counts.get("_repaired_utf8", 0),
+                                   decoded_as_latin1=counts.get("_latin1", 0)),
+        ranges=ranges,
+        nodes_used=len([k for k in counts if k.startswith("_node:")]),
+        increments=(base.increments if base else []) + [increment],
+        most_frequent_token=shards.MostFrequentToken(id=top, token=tokenizer.convert_ids_to_tokens(top)),
+        seconds=round(time.time() - started, 1),
+        fingerprint=hashlib.sha256(json.dumps([fingerprint_inputs, [x.sha256 for lst in split_shards.values() for x in lst],
+                                               tokenizer_info.fingerprint]).encode()).hexdigest()[:16],
+    )
 
 
 def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: bool = False,
-            ray_dashboard: bool = True) -> dict[str, Any]:
+            ray_dashboard: bool = True) -> shards.Manifest:
     """Prepare a dataset in `out_dir` (a local folder or an object-store URI); returns
     its manifest. Idempotent for identical inputs and config; incremental when the
     inputs are a dataset's inputs plus new files. `ray_dashboard`: whether a local Ray
@@ -628,9 +616,9 @@ def prepare(inputs: list[str], out_dir: str | Path, cfg: Config, *, overwrite: b
                              tokenizer=tokenizer, maskers=maskers, split_shards=split_shards, counts=counts,
                              dropped=dropped, ranges=len(ranges), base=base, todo=len(todo), new_shards=new_shards,
                              token_counts=token_counts, started=started)
-        shards.write_manifest(out_dir, manifest)  # last: from now on this folder is a dataset
-        line.close(f"{manifest['documents']['kept']:,} documents, {manifest['splits']['train']['tokens']:,} "
-                   f"training tokens in {sum(len(s['shards']) for s in manifest['splits'].values())} shards")
+        manifest.write(out_dir)  # last: from now on this folder is a dataset
+        line.close(f"{manifest.documents.kept:,} documents, {manifest.splits['train'].tokens:,} training tokens "
+                   f"in {len(manifest.files())} shards")
     if staged:
         storage.delete(storage.join(out_dir, STAGED_INPUTS))
     return manifest
@@ -642,7 +630,7 @@ def _clear_for_run(out_dir: str, files, base, cfg: Config, fingerprint_inputs: s
     processes only the new inputs."""
     storage.makedirs(out_dir)
     if base:
-        old = {i["path"] for i in base["inputs"]}
+        old = {i["path"] for i in base.inputs}
         _clear_unfinished(out_dir, keep=_listed_files(base))
         return [f for f in files if f.path not in old], True
     reuse = not cfg.tokenizer.path and _reusable_tokenizer(out_dir, fingerprint_inputs)
@@ -662,18 +650,19 @@ def _first_index(base) -> int:
     """Units of work of an extension are numbered after the dataset's own."""
     if not base:
         return 0
-    return 1 + max((shards.shard_index(x["file"]) for s in base["splits"].values() for x in s["shards"]), default=-1)
+    return 1 + max((shards.shard_index(f) for f in base.files()), default=-1)
 
 
 def _with_base(out_dir: str, base, new_shards: dict[str, list], counts: Counter, token_counts: np.ndarray,
                cfg: Config) -> tuple[dict[str, list], dict]:
     """The dataset's shards and counts once this run's are added to an extended
     dataset's (`counts` and `token_counts` updated in place); fails on an empty split or
-    too many dropped documents. Returns (shards per split, drop counts by reason)."""
+    too many dropped documents. Returns (shard entries per split, drop counts by reason)."""
     path = storage.join(out_dir, TOKEN_COUNTS)
     if base and storage.is_file(path):
         token_counts += np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
-    split_shards = {s: (base["splits"][s]["shards"] if base else []) + new_shards[s] for s in shards.SPLITS}
+    split_shards = {s: (base.splits[s].shards if base else []) + [shards.ShardEntry(**x) for x in new_shards[s]]
+                    for s in shards.SPLITS}
     if base:
         _add_base_counts(counts, base)
     dropped = _check_counts(split_shards, counts, cfg, out_dir, _listed_files(base) if base else set())

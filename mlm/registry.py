@@ -52,8 +52,7 @@ def code_version() -> str:
 
 def setup(experiment: str) -> str:
     """Point MLflow at the configured store and return the experiment id (created with
-    an artifact root inside the work folder when the store is a database, SQLite or
-    PostgreSQL, rather than a tracking server)."""
+    an artifact root inside the work folder on the embedded store)."""
     import mlflow
 
     from mlm.runtime import artifact_root, tracking_uri
@@ -63,8 +62,7 @@ def setup(experiment: str) -> str:
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is not None:
         return exp.experiment_id
-    database = uri.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql", "mssql")
-    location = f"{artifact_root()}/{experiment}" if database else None  # else MLflow's ./mlruns in the cwd
+    location = f"{artifact_root()}/{experiment}" if uri.startswith("sqlite:") else None
     return mlflow.create_experiment(experiment, artifact_location=location)
 
 
@@ -286,7 +284,7 @@ def model_card(name: str, version: str, alias: str, reason: str, metrics: dict[s
     """Markdown: what the model is, what data and config made it, how it scored, how to load it."""
     from mlm import shards
 
-    manifest = shards.read_manifest(data_dir) if data_dir else None
+    manifest = shards.Manifest.read(data_dir) if data_dir else None
     m = cfg.model
     lines = [
         f"# {name} v{version} (`@{alias}`)", "",
@@ -303,14 +301,13 @@ def model_card(name: str, version: str, alias: str, reason: str, metrics: dict[s
         f"Dataset fingerprint `{tags['data_fingerprint']}`.",
     ]
     if manifest:
-        train = manifest["splits"]["train"]
+        train, masking = manifest.splits["train"], manifest.masking["train"]
         lines += [
-            f"{len(manifest['inputs'])} input file(s); {manifest['documents']['kept']:,} documents kept, dropped: "
-            f"{manifest['documents']['dropped'] or 'none'}; {train['tokens']:,} training tokens in {train['rows']:,} "
-            f"sequences of {manifest['seq_len']}; tokenizer {manifest['tokenizer']['fingerprint']} "
-            f"({manifest['tokenizer']['vocab_size']:,} tokens); training masking "
-            f"{manifest['masking']['train'].get('strategy')} at {manifest['masking']['train'].get('rate')} "
-            f"({manifest['masking']['train'].get('mode', 'static')}).",
+            f"{len(manifest.inputs)} input file(s); {manifest.documents.kept:,} documents kept, dropped: "
+            f"{manifest.documents.dropped or 'none'}; {train.tokens:,} training tokens in {train.rows:,} "
+            f"sequences of {manifest.seq_len}; tokenizer {manifest.tokenizer.fingerprint} "
+            f"({manifest.tokenizer.vocab_size:,} tokens); training masking "
+            f"{masking.get('strategy')} at {masking.get('rate')} ({masking.get('mode', 'static')}).",
         ]
     lines += [
         "", "## Training config", "", "```yaml", cfg.to_yaml().strip(), "```", "",

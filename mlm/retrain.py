@@ -94,7 +94,7 @@ def retrain(inputs: list[str], cfg: Config, *, from_scratch: bool = False, work:
         state = json.loads(state_file.read_text()) if state_file.exists() else {}
         new, changed = changes(files, state.get("inputs", {}))
         if not new and not changed and storage.exists(storage.join(data_dir, shards.MANIFEST)) \
-                and state.get("data_fingerprint") == shards.read_manifest(data_dir)["fingerprint"]:
+                and state.get("data_fingerprint") == shards.Manifest.read(data_dir).fingerprint:
             return {"status": "nothing_new", "reason": f"no new corpus files since retrain of {state.get('finished')}; "
                     f"{name} v{state.get('version')} was trained on this data; nothing done", "data_dir": str(data_dir)}
 
@@ -104,15 +104,15 @@ def retrain(inputs: list[str], cfg: Config, *, from_scratch: bool = False, work:
             if changed and state:
                 why = f"from scratch (changed or removed inputs rebuild the tokenizer: {', '.join(changed[:3])})"
             elif storage.exists(storage.join(data_dir, shards.MANIFEST)) and champion.tags.get("tokenizer_fingerprint") == \
-                    shards.read_manifest(data_dir)["tokenizer"]["fingerprint"]:
+                    shards.Manifest.read(data_dir).tokenizer.fingerprint:
                 init, why = f"models:/{name}/{champion.version}", f"warm start from champion v{champion.version}"
             else:
                 why = f"from scratch (champion v{champion.version} has another tokenizer than the retrain dataset)"
         if init:
             cfg = config_from_dict(cfg.to_dict() | {"model": cfg.to_dict()["model"] | {"init_from": init}})
         result = pretrain(list(inputs), cfg, work, data_dir=data_dir, stage="retrain")
-        manifest = shards.read_manifest(data_dir)
-        state = {"data_fingerprint": manifest["fingerprint"], "inputs": {f.path: f.fingerprint for f in files},
+        manifest = shards.Manifest.read(data_dir)
+        state = {"data_fingerprint": manifest.fingerprint, "inputs": {f.path: f.fingerprint for f in files},
                  "version": result["registered"]["version"],
                  "alias": result["registered"]["alias"], "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                  "pipeline_run_id": result["pipeline_run_id"]}

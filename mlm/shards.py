@@ -1,4 +1,4 @@
-"""Parquet shard writing, the manifest, and verification.
+"""Parquet shard writing, the manifest (`Manifest`), verification and batch plans.
 
 A dataset is a folder (local or an object-store URI, see `mlm.storage`) with
 `manifest.json`; each shard is written to a temporary name and committed by the
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -129,12 +130,122 @@ def pc_sum(col: pa.ChunkedArray) -> int:
     return pc.sum(col).as_py() or 0
 
 
-def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> None:
-    blob = json.dumps(manifest, indent=2, sort_keys=True).encode()
-    storage.write_bytes(storage.join(out_dir, MANIFEST), blob)
+@dataclass(frozen=True)
+class ShardEntry:
+    file: str  # name inside the dataset folder
+    rows: int
+    tokens: int  # real tokens (specials included)
+    masked: int  # positions with a label
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Split:
+    shards: list[ShardEntry]
+    rows: int
+    tokens: int
+    masked: int
+    documents: int
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    dir: str  # folder inside the dataset
+    fingerprint: str
+    vocab_size: int
+    trained: bool  # trained on this data (else loaded from tokenizer.path)
+
+
+@dataclass(frozen=True)
+class Documents:
+    kept: int
+    dropped: dict[str, int]  # by reason
+    repaired_invalid_utf8: int = 0
+    decoded_as_latin1: int = 0
+
+
+@dataclass(frozen=True)
+class MostFrequentToken:
+    id: int
+    token: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A dataset's `manifest.json`, typed. Written last by `mlm prepare` (the folder is a
+    dataset from then on); every stage that reads a dataset reads it through
+    `Manifest.read`. `to_dict()` is the JSON as stored: the format is unchanged, so
+    existing datasets load (fields added later have defaults)."""
+
+    schema_version: int
+    inputs_fingerprint: str  # inputs' content hashes + the config sections below + masking terms
+    inputs: list[dict[str, Any]]  # corpus.InputFile.to_dict(): path, blake2b, size, ...
+    config: dict[str, Any]  # the data, tokenizer, masking and eval sections that made it
+    tokenizer: TokenizerInfo
+    seq_len: int
+    masking: dict[str, dict[str, Any]]  # train: the training masking; validation: the fixed evaluation masking
+    splits: dict[str, Split]
+    documents: Documents
+    most_frequent_token: MostFrequentToken  # in the train split, specials left out (the baseline)
+    fingerprint: str  # inputs fingerprint + every shard's sha256 + the tokenizer's fingerprint
+    created_unix: int = 0
+    skipped_files: dict[str, list[str]] = field(default_factory=dict)  # unusable inputs by reason
+    schema: dict[str, str] = field(default_factory=dict)  # column -> description
+    packing: str = "pack"
+    ranges: int = 0  # units of work of the last run
+    nodes_used: int = 0
+    increments: list[dict[str, Any]] = field(default_factory=list)  # one per run that added files
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys this version does not know, kept
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        known = {f.name for f in fields(cls)} - {"extra"}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known} | {
+                "tokenizer": TokenizerInfo(**d["tokenizer"]),
+                "splits": {name: Split(**(sp | {"shards": [ShardEntry(**x) for x in sp["shards"]]}))
+                           for name, sp in d["splits"].items()},
+                "documents": Documents(**d["documents"]),
+                "most_frequent_token": MostFrequentToken(**d["most_frequent_token"]),
+                "extra": {k: v for k, v in d.items() if k not in known},
+            })
+        except (KeyError, TypeError) as e:
+            raise DatasetError(f"malformed manifest: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        return out.pop("extra") | out
+
+    @classmethod
+    def read(cls, data_dir: str | Path) -> "Manifest":
+        """The manifest of the dataset in `data_dir`; DatasetError when there is none (an
+        unfinished or foreign folder), it is not valid JSON or of another schema version."""
+        return cls.from_dict(read_manifest(data_dir))
+
+    def write(self, out_dir: str | Path) -> None:
+        blob = json.dumps(self.to_dict(), indent=2, sort_keys=True).encode()
+        storage.write_bytes(storage.join(out_dir, MANIFEST), blob)
+
+    @classmethod
+    def of_shards(cls, split_shards: dict[str, list[dict[str, Any]]], seq_len: int = 0) -> "Manifest":
+        """A manifest listing these shards and nothing else (tools and tests that make
+        a dataset by hand)."""
+        splits = {name: Split(shards=[ShardEntry(**x) for x in lst], rows=sum(x["rows"] for x in lst),
+                              tokens=sum(x["tokens"] for x in lst), masked=sum(x["masked"] for x in lst), documents=0)
+                  for name, lst in split_shards.items()}
+        return cls(schema_version=SCHEMA_VERSION, inputs_fingerprint="", inputs=[], config={},
+                   tokenizer=TokenizerInfo(dir="tokenizer", fingerprint="", vocab_size=0, trained=False),
+                   seq_len=seq_len, masking={}, splits=splits, documents=Documents(kept=0, dropped={}),
+                   most_frequent_token=MostFrequentToken(id=0, token=""), fingerprint="")
+
+    def files(self) -> set[str]:
+        """Every shard file the manifest lists."""
+        return {x.file for sp in self.splits.values() for x in sp.shards}
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """The manifest's JSON as stored (for tools and tests; code uses `Manifest.read`)."""
     path = storage.join(data_dir, MANIFEST)
     try:
         found = storage.is_file(path)
@@ -177,13 +288,13 @@ def read_batches(plan: list[tuple[str, int, int]]):
 def shard_paths(data_dir: str | Path, split: str, verify: bool = True) -> list[str]:
     """Paths (absolute, or URIs) of a split's shards; with `verify`, each sha256 is
     checked and a corrupt or missing shard raises an error naming it."""
-    manifest = read_manifest(data_dir)
+    manifest = Manifest.read(data_dir)
     out = []
-    for shard in manifest["splits"][split]["shards"]:
-        path = storage.join(data_dir, shard["file"])
+    for shard in manifest.splits[split].shards:
+        path = storage.join(data_dir, shard.file)
         if not storage.is_file(path):
             raise DatasetError(f"shard missing: {path}")
-        if verify and storage.sha256(path) != shard["sha256"]:
+        if verify and storage.sha256(path) != shard.sha256:
             raise DatasetError(f"corrupt shard (sha256 mismatch): {path}")
         out.append(path)
     return out
@@ -193,10 +304,10 @@ def verify(data_dir: str | Path) -> list[str]:
     """All problems found in a dataset (empty list: it is sound)."""
     problems = []
     try:
-        manifest = read_manifest(data_dir)
+        manifest = Manifest.read(data_dir)
     except DatasetError as e:
         return [str(e)]
-    for split in manifest["splits"]:
+    for split in manifest.splits:
         try:
             shard_paths(data_dir, split, verify=True)
         except DatasetError as e:

@@ -404,11 +404,11 @@ def _log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> N
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
-def _dynamic_masker_spec(manifest: dict[str, Any], tokenizer) -> dict[str, Any] | None:
+def _dynamic_masker_spec(manifest: shards.Manifest, tokenizer) -> dict[str, Any] | None:
     """The masker a dynamic-masking dataset asks for: its settings, the tokenizer's tables."""
     from mlm.prepare import masker_spec
 
-    settings = manifest["masking"]["train"]
+    settings = manifest.masking["train"]
     if settings.get("mode") != "dynamic":
         return None
     return masker_spec(tokenizer, settings, []) | {"term_ids": settings.get("term_ids", [])}
@@ -454,7 +454,7 @@ def train(
     model_dir = _export_model(result.checkpoint, tokenizer, storage.join(out_dir, "model"))
     metrics = dict(result.metrics or {})
     steps = int(metrics.get("step", cfg.train.max_steps))
-    tokens_seen = steps * cfg.train.global_batch_size * manifest["seq_len"]
+    tokens_seen = steps * cfg.train.global_batch_size * manifest.seq_len
     scheme = out_dir.split("://", 1)[0] + "://" if storage.is_uri(out_dir) else ""
     return {
         "model_dir": model_dir,
@@ -551,20 +551,20 @@ def _check_inputs(data_dir: str, cfg: Config):
     tokenizer checked against the data's. Returns (manifest, tokenizer, cfg)."""
     from mlm.tokenizer import fingerprint, load_tokenizer
 
-    manifest = shards.read_manifest(data_dir)
+    manifest = shards.Manifest.read(data_dir)
     shards.shard_paths(data_dir, "train", verify=True)  # refuses a corrupt shard by name
-    if manifest["seq_len"] > cfg.model.max_position_embeddings:
+    if manifest.seq_len > cfg.model.max_position_embeddings:
         raise shards.DatasetError(
-            f"the data's seq_len {manifest['seq_len']} exceeds model.max_position_embeddings "
+            f"the data's seq_len {manifest.seq_len} exceeds model.max_position_embeddings "
             f"{cfg.model.max_position_embeddings}"
         )
-    with storage.local_dir(storage.join(data_dir, manifest["tokenizer"]["dir"])) as tok_dir:
+    with storage.local_dir(storage.join(data_dir, manifest.tokenizer.dir)) as tok_dir:
         tokenizer = load_tokenizer(tok_dir)
     if cfg.model.init_from:
         from mlm.model import ModelError, resolve_model_dir
 
         init_dir = resolve_model_dir(cfg.model.init_from)  # fails here on an unknown model
-        if fingerprint(load_tokenizer(init_dir)) != manifest["tokenizer"]["fingerprint"]:
+        if fingerprint(load_tokenizer(init_dir)) != manifest.tokenizer.fingerprint:
             raise ModelError(f"model.init_from {cfg.model.init_from} has another tokenizer than the data; "
                              "prepare the data with its tokenizer (tokenizer.path)")
         if not (storage.is_uri(cfg.model.init_from) or cfg.model.init_from.startswith(("models:/", "runs:/"))):
@@ -581,7 +581,7 @@ def _loop_config(data_dir: str, out_dir: str, manifest, tokenizer, cfg: Config, 
     return {
         "row_groups": [vars(g) for g in row_groups(shards.shard_paths(data_dir, "train", verify=False))],
         "validation_files": shards.shard_paths(data_dir, "validation", verify=True),
-        "seq_len": manifest["seq_len"],
+        "seq_len": manifest.seq_len,
         # JSON lines of rank 0's metrics, when the run folder is local (MLflow has them too)
         "log_file": None if storage.is_uri(out_dir) else storage.join(out_dir, "train_log.jsonl"),
         "config": cfg.to_dict(),
@@ -591,7 +591,7 @@ def _loop_config(data_dir: str, out_dir: str, manifest, tokenizer, cfg: Config, 
         "sep_token_id": tokenizer.sep_token_id,
         "mlflow_run_id": mlflow_run_id,
         "tracking_uri": tracking_uri(),
-        "packing": manifest.get("packing", "pack"),
+        "packing": manifest.packing,
         "dynamic_masking": _dynamic_masker_spec(manifest, tokenizer),
     }
 

@@ -587,16 +587,15 @@ def _prepare_numbers(out_dir: Path) -> dict[str, Any]:
     row a [CLS] and a final [SEP], so the content tokens follow exactly."""
     from mlm import shards
 
-    m = shards.read_manifest(out_dir)
-    rows = sum(s["rows"] for s in m["splits"].values())
-    tokens = sum(s["tokens"] for s in m["splits"].values())
-    docs = m["documents"]["kept"]
-    packing = m.get("packing") or m.get("config", {}).get("data", {}).get("packing", "pack")
-    copies = m.get("masking", {}).get("train", {}).get("duplication", 1)  # static copies multiply train rows
-    exact = packing == "pack" and copies == 1
+    m = shards.Manifest.read(out_dir)
+    rows = sum(s.rows for s in m.splits.values())
+    tokens = sum(s.tokens for s in m.splits.values())
+    docs = m.documents.kept
+    copies = m.masking.get("train", {}).get("duplication", 1)  # static copies multiply train rows
+    exact = m.packing == "pack" and copies == 1
     return {"documents": docs, "content_tokens": tokens - docs - 2 * rows if exact else None,
-            "output_tokens": tokens, "rows": rows, "packing": packing,
-            "dropped_documents": m["documents"].get("dropped", {}), "phases_s": {"inside_prepare": m.get("seconds")}}
+            "output_tokens": tokens, "rows": rows, "packing": m.packing,
+            "dropped_documents": m.documents.dropped, "phases_s": {"inside_prepare": m.seconds}}
 
 
 def bench_data(inputs: list[str] | None, size_mb: float, scale: int, seq_len: int, work: Path,

@@ -113,8 +113,8 @@ def bench_train(cfg: Config, data_dir: str | Path, steps: int = 30, warmup: int 
     from mlm.tokenizer import load_tokenizer
 
     data_dir = Path(data_dir)
-    manifest = shards.read_manifest(data_dir)
-    tok = load_tokenizer(data_dir / manifest["tokenizer"]["dir"])
+    manifest = shards.Manifest.read(data_dir)
+    tok = load_tokenizer(data_dir / manifest.tokenizer.dir)
     micro = cfg.train.micro_batch_size
     batches = _batches(data_dir, micro, warmup + steps)
     if len(batches) < warmup + steps:
@@ -125,13 +125,13 @@ def bench_train(cfg: Config, data_dir: str | Path, steps: int = 30, warmup: int 
         torch.set_num_threads(os.cpu_count() or 1)
     name = torch.cuda.get_device_name() if use_cuda else f"cpu ({torch.get_num_threads()} threads)"
     tokens = sum(b["tokens"] for b in batches[warmup:])
-    ours, fpt = _our_steps(cfg, len(tok), tok.pad_token_id, batches, device, warmup, manifest["seq_len"])
+    ours, fpt = _our_steps(cfg, len(tok), tok.pad_token_id, batches, device, warmup, manifest.seq_len)
     hf = _hf_steps(cfg, len(tok), tok.pad_token_id, batches, device, warmup)
     peak = peak_flops(name) if use_cuda else None
     result = {
         "device": name,
         "precision": "bf16 autocast" if use_cuda else "float32",
-        "batch": f"{micro} x {manifest['seq_len']}",
+        "batch": f"{micro} x {manifest.seq_len}",
         "timed_steps": steps,
         "mlm_tokens_per_s": tokens / ours,
         "hf_trainer_tokens_per_s": tokens / hf,

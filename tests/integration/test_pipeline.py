@@ -137,7 +137,7 @@ def test_prepare_is_idempotent_and_training_refuses_corrupt_shards(result, tmp_p
     before = {p: os.path.getmtime(os.path.join(data_dir, p)) for p in os.listdir(data_dir)}
     cfg = load_config("tiny", [f"train.max_steps={STEPS}", "train.checkpoint_every=100"])
     again = prepare(["builtin:python-docs"], data_dir, cfg)
-    assert again["fingerprint"] == read_manifest(data_dir)["fingerprint"]
+    assert again.fingerprint == read_manifest(data_dir)["fingerprint"]
     assert before == {p: os.path.getmtime(os.path.join(data_dir, p)) for p in os.listdir(data_dir)}
 
     broken = tmp_path / "broken"

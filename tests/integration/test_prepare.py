@@ -52,7 +52,7 @@ def test_bad_input_corpus_completes_and_counts_every_drop(ray_cluster, tmp_path)
     (src / "long_line.txt").write_text(long_line)
     assert len(long_line) > 50_000_000
     cfg = load_config("tiny", ["tokenizer.vocab_size=800", "data.validation_fraction=0.2", "data.rows_per_shard=50000"])
-    m = prepare([str(src)], tmp_path / "data", cfg)
+    m = prepare([str(src)], tmp_path / "data", cfg).to_dict()
     assert verify(tmp_path / "data") == []
     assert [p.rsplit("/", 1)[1] for p in m["skipped_files"]["binary"]] == ["binary.txt"]
     dropped = m["documents"]["dropped"]

@@ -41,13 +41,13 @@ def test_incremental_prepare_appends_only_new_files_and_dedups_across(ray_cluste
     cfg = load_config("tiny", ["tokenizer.vocab_size=1000", "data.validation_fraction=0.1", "data.dedup=true",
                                "data.rows_per_shard=100"])
     out = tmp_path / "data"
-    first = prepare([str(src / "a.txt")], out, cfg)
+    first = prepare([str(src / "a.txt")], out, cfg).to_dict()  # the manifest as stored
     assert first["documents"]["dropped"]["duplicate"] == 50
     assert first["documents"]["kept"] == 300
     old = {s["file"]: s["sha256"] for sp in first["splits"].values() for s in sp["shards"]}
 
     (src / "b.txt").write_text("\n\n".join(b + a[:20]))  # 20 documents already in the dataset
-    second = prepare([str(src / "a.txt"), str(src / "b.txt")], out, cfg)
+    second = prepare([str(src / "a.txt"), str(src / "b.txt")], out, cfg).to_dict()
     assert verify(out) == []
     assert second["documents"]["dropped"]["duplicate"] == 70 and second["documents"]["kept"] == 500
     assert len(second["increments"]) == 2 and second["increments"][1]["files_added"] == 1
@@ -59,7 +59,7 @@ def test_incremental_prepare_appends_only_new_files_and_dedups_across(ray_cluste
     assert tokens(second) > tokens(first)
 
     # Same inputs again: nothing to do. A changed old file: refused without --overwrite.
-    assert prepare([str(src / "a.txt"), str(src / "b.txt")], out, cfg)["created_unix"] == second["created_unix"]
+    assert prepare([str(src / "a.txt"), str(src / "b.txt")], out, cfg).created_unix == second["created_unix"]
     (src / "a.txt").write_text("\n\n".join(a))
     from mlm.shards import DatasetError
 
@@ -82,7 +82,7 @@ def test_padded_dynamic_dataset_trains(ray_cluster, tmp_path):
                                "train.global_batch_size=16", "train.max_steps=12", "train.log_every=4",
                                "train.checkpoint_every=12", "train.warmup_steps=2"])
     out = tmp_path / "data"
-    m = prepare([str(src)], out, cfg)
+    m = prepare([str(src)], out, cfg).to_dict()
     ids, labels, n = _shards(out)
     tok = load_tokenizer(out / "tokenizer")
     assert (labels == -100).all() and m["splits"]["train"]["masked"] == 0  # unmasked: masked at load time

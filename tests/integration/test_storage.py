@@ -76,7 +76,7 @@ def test_a_dataset_on_either_is_read_and_verified_alike(root):
     assert [x["file"] for x in lst] == ["train-00007-000.parquet", "train-00007-001.parquet"]
     with pytest.raises(shards.DatasetError, match="not a dataset|no such dataset"):
         shards.read_manifest(root)  # shards without a manifest are not a dataset
-    shards.write_manifest(root, {"schema_version": shards.SCHEMA_VERSION, "splits": {"train": {"shards": lst}}})
+    shards.Manifest.of_shards({"train": lst}, seq_len=16).write(root)
     paths = shards.shard_paths(root, "train")
     assert [storage.parquet_file(p).metadata.num_rows for p in paths] == [3, 1]
     storage.write_bytes(paths[1], storage.read_bytes(paths[0]))  # corrupt the second shard

@@ -56,6 +56,12 @@ def test_functions_read_in_one_screen():
     assert not long, long
 
 
+def test_the_manifest_is_read_through_its_class():
+    """Stages read datasets through shards.Manifest (typed), not the raw JSON dict."""
+    assert _holders(r"\bread_manifest\(") == ["shards.py"]
+    assert _holders(r"manifest\[[\"']") == []
+
+
 def test_no_blanket_warning_filters():
     """Deprecations from mlm code are errors in the test suite; nothing silences whole
     warning categories (third-party noise, if any, is filtered by module)."""

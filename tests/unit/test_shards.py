@@ -5,8 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlm.shards import (
-    MANIFEST, SCHEMA_VERSION, DatasetError, ShardWriter, column_2d, read_manifest, sha256_file, shard_paths, to_table,
-    verify, write_manifest,
+    MANIFEST, SCHEMA_VERSION, DatasetError, Manifest, ShardWriter, column_2d, read_manifest, sha256_file, shard_paths,
+    to_table, verify,
 )
 
 
@@ -21,7 +21,7 @@ def _dataset(tmp_path, rows=(7, 5, 9), rows_per_shard=6):
     for i, n in enumerate(rows):
         w.add(_table(n, start=100 * i))
     lst = w.close()
-    write_manifest(tmp_path, {"schema_version": SCHEMA_VERSION, "splits": {"train": {"shards": lst}}})
+    Manifest.of_shards({"train": lst}, seq_len=16).write(tmp_path)
     return lst
 
 
@@ -64,3 +64,47 @@ def test_corrupt_and_missing_shards_are_named(tmp_path):
 def test_manifest_is_json_with_schema_version(tmp_path):
     _dataset(tmp_path)
     assert json.loads((tmp_path / MANIFEST).read_text())["schema_version"] == SCHEMA_VERSION
+
+
+# A manifest as `mlm prepare` writes it (schema_version 1), keys and nesting as stored.
+STORED = {
+    "schema_version": 1, "created_unix": 1700000000, "inputs_fingerprint": "0123456789abcdef",
+    "inputs": [{"path": "/data/a.txt", "blake2b": "ff", "size": 10, "kind": "txt", "mtime": 1.0}],
+    "skipped_files": {"binary": ["/data/b.bin"]},
+    "config": {"data": {"seq_len": 16}, "tokenizer": {}, "masking": {}, "eval": {}},
+    "tokenizer": {"dir": "tokenizer", "fingerprint": "abc", "vocab_size": 1000, "trained": True},
+    "schema": {"input_ids": "...", "labels": "...", "num_tokens": "..."},
+    "seq_len": 16, "packing": "pack",
+    "masking": {"train": {"strategy": "random", "rate": 0.15, "mode": "static", "term_ids": []},
+                "validation": {"strategy": "random", "rate": 0.15, "mask_fraction": 0.8, "random_fraction": 0.1,
+                               "seed": 1234, "mode": "static"}},
+    "splits": {"train": {"shards": [{"file": "train-00000-000.parquet", "rows": 6, "tokens": 90, "masked": 12,
+                                     "sha256": "aa"}], "rows": 6, "tokens": 90, "masked": 12, "documents": 3},
+               "validation": {"shards": [], "rows": 0, "tokens": 0, "masked": 0, "documents": 0}},
+    "documents": {"kept": 3, "dropped": {"empty": 1}, "repaired_invalid_utf8": 0, "decoded_as_latin1": 0},
+    "ranges": 1, "nodes_used": 1,
+    "increments": [{"created_unix": 1700000000, "files_added": 1, "shards_added": {"train": 1, "validation": 0}}],
+    "most_frequent_token": {"id": 5, "token": "the"}, "seconds": 1.5, "fingerprint": "fedcba9876543210",
+}
+
+
+def test_manifest_is_typed_and_round_trips_the_stored_json(tmp_path):
+    m = Manifest.from_dict(STORED)
+    assert m.splits["train"].shards[0].sha256 == "aa" and m.tokenizer.vocab_size == 1000
+    assert m.most_frequent_token.token == "the" and m.documents.dropped == {"empty": 1}
+    assert m.to_dict() == STORED
+    m.write(tmp_path)
+    assert json.loads((tmp_path / MANIFEST).read_text()) == STORED  # the format on disk is unchanged
+    assert Manifest.read(tmp_path) == m
+
+
+def test_older_and_newer_manifests_load():
+    """Keys added later have defaults (a dataset from before them loads); keys this
+    version does not know are kept through a round trip."""
+    old = {k: v for k, v in STORED.items() if k not in ("packing", "increments", "nodes_used")}
+    m = Manifest.from_dict(old)
+    assert (m.packing, m.increments, m.nodes_used) == ("pack", [], 0)
+    newer = STORED | {"future_field": {"x": 1}}
+    assert Manifest.from_dict(newer).to_dict() == newer
+    with pytest.raises(DatasetError, match="malformed manifest"):
+        Manifest.from_dict({k: v for k, v in STORED.items() if k != "splits"})
