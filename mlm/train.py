@@ -1,9 +1,10 @@
 """The per-worker training loop and the TorchTrainer launch.
 
-Read `train_loop_per_worker` top to bottom: build model -> maybe resume -> loop over
-the worker's data shard with gradient accumulation -> report checkpoints.
-Rank-0-only side effects (MLflow metrics, the progress line, checkpoint files) are
-marked with `is_rank0`.
+Read `train_loop_per_worker` top to bottom: build or resume the model -> wrap it for
+DDP -> stream the worker's micro-batches -> `train_step` (gradient accumulation,
+clipping, AdamW; what `mlm bench train` times too) -> log, validate, checkpoint.
+Rank-0-only side effects (MLflow metrics and system metrics, the progress the driver
+draws, checkpoint files) are marked with `is_rank0`; `train` launches the workers.
 """
 
 from __future__ import annotations

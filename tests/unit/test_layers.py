@@ -129,3 +129,12 @@ def test_the_walk_sees_function_level_imports():
     """`from mlm.x import y` inside a function counts, as does `from mlm import a, b`."""
     assert "mlm.shards" in GRAPH["mlm.train"] and "mlm.storage" in GRAPH["mlm.train"]
     assert "mlm.model" in GRAPH["mlm.evaluate"]  # imported inside functions only
+
+
+def test_the_design_document_lists_the_same_layers():
+    """docs/architecture.md's module map is this order (the living design stays true)."""
+    import re
+
+    doc = (ROOT.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    listed = re.findall(r"^\| \d+ \| `(\w+)`", doc, flags=re.M)
+    assert listed == [m for m in LAYERS if m != "__main__"], listed
