@@ -86,15 +86,18 @@ def mlflow_server(postgres, s3_server, tmp_path_factory):
     logs = tmp_path_factory.mktemp("mlflow-server")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", db, "--artifacts-destination",
-         s3_server.uri("mlartifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
-        env=s3_server.subprocess_env(), stdout=open(logs / "server.log", "wb"), stderr=subprocess.STDOUT,
-        start_new_session=True)
+         s3_server.uri("mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
+         # One uvicorn worker, in-process: with several, uvicorn's supervisor restarts a
+         # worker that misses its ping, and on a loaded 2-core machine none ever settled.
+         "--workers", "1"],
+        env={**s3_server.subprocess_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=open(logs / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300
         while True:
             try:
-                with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                with urllib.request.urlopen(url + "/health", timeout=10) as r:
                     if r.status == 200:
                         break
             except OSError:
@@ -164,7 +167,7 @@ def ray_two_nodes(tmp_path_factory, s3_server, mlflow_server):
     address = f"127.0.0.2:{port}"
     try:
         nodes = "import ray; ray.init(address={!r}, logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))"
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # generous: a loaded 2-core machine
         while time.time() < deadline:
             out = subprocess.run(["python", "-c", nodes.format(address)], env=env, capture_output=True, text=True, timeout=60)
             if out.returncode == 0:
