@@ -52,7 +52,8 @@ def code_version() -> str:
 
 def setup(experiment: str) -> str:
     """Point MLflow at the configured store and return the experiment id (created with
-    an artifact root inside the work folder on the embedded store)."""
+    an artifact root inside the work folder when the store is a database, SQLite or
+    PostgreSQL, rather than a tracking server)."""
     import mlflow
 
     from mlm.runtime import artifact_root, tracking_uri
@@ -62,7 +63,8 @@ def setup(experiment: str) -> str:
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is not None:
         return exp.experiment_id
-    location = f"{artifact_root()}/{experiment}" if uri.startswith("sqlite:") else None
+    database = uri.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql", "mssql")
+    location = f"{artifact_root()}/{experiment}" if database else None  # else MLflow's ./mlruns in the cwd
     return mlflow.create_experiment(experiment, artifact_location=location)
 
 
