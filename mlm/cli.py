@@ -345,6 +345,28 @@ def bench_train(data_dir, steps, warmup, preset, overrides) -> None:
     _echo_json(r)
 
 
+@bench.command("quality")
+@click.option("--input", "inputs", multiple=True, help="Corpus file/dir/glob or builtin:NAME; repeatable (default: the built-in corpus).")
+@click.option("--steps", default=300, show_default=True, type=click.IntRange(1), help="Optimizer steps of each contender.")
+@click.option("--heldout-rows", default=512, show_default=True, type=click.IntRange(1), help="Held-out rows per layout.")
+@click.option("--work", default=None, type=click.Path(file_okay=False), help="Data and tokenizer (default: $MLM_HOME/bench-quality).")
+@click.option("--skip-hf", is_flag=True, help="Train and score ours only (for ablations against a recorded HF run).")
+@PRESET
+@SET
+def bench_quality(inputs, steps, heldout_rows, work, skip_hf, preset, overrides) -> None:
+    """Held-out masked-LM accuracy at equal tokens: our training next to the Hugging Face
+    Trainer (run_mlm's recipe), same tokenizer, model, batch, lr, warmup, steps and seed."""
+    from mlm.bench.quality import bench_config, bench_quality as run, format_report
+    from mlm.corpus import DEFAULT_CORPUS
+    from mlm.runtime import work_dir
+
+    cfg = bench_config(preset, overrides, steps)
+    r = run(list(inputs) or [DEFAULT_CORPUS], cfg, Path(work) if work else work_dir() / "bench-quality",
+            heldout_rows, skip_hf, echo=lambda m: click.echo(m, err=True))
+    click.echo(format_report(r))
+    _echo_json(r)
+
+
 @bench.command("data")
 @click.option("--input", "inputs", multiple=True,
               help="Corpus file/dir/glob or builtin:NAME (.txt/.jsonl[.gz]); repeatable. Default: a --size-mb corpus.")

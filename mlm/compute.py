@@ -137,6 +137,22 @@ def masked_lm_loss(mlm, input_ids, attention_mask, labels):
     return torch.nn.functional.cross_entropy(logits.float(), targets)
 
 
+def masked_sums(net, input_ids, attention_mask, labels) -> tuple[dict[str, float], Any]:
+    """Sums over the masked positions of one batch of tensors (call under inference
+    mode): cross-entropy, top-1 and top-5 hits, count; and the targets."""
+    import torch
+
+    logits, targets = masked_logits(net, input_ids, attention_mask, labels)
+    logits = logits.float()
+    best5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    return {
+        "loss_sum": float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum")),
+        "top1": int((best5[:, 0] == targets).sum()),
+        "top5": int((best5 == targets[:, None]).any(dim=-1).sum()),
+        "n": int(targets.numel()),
+    }, targets
+
+
 def score(net, batches, baseline_id: int = -1, device="cpu", max_batches: int | None = None,
           autocast=None) -> dict[str, float]:
     """Sums over masked positions of shard batches: cross-entropy, top-1/top-5 hits, hits
@@ -153,12 +169,8 @@ def score(net, batches, baseline_id: int = -1, device="cpu", max_batches: int | 
             if max_batches is not None and i >= max_batches:
                 break
             t = batch_to_tensors(batch, device)
-            logits, labels = masked_logits(net, t["input_ids"], t["attention_mask"], t["labels"])
-            logits = logits.float()
-            out["loss_sum"] += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-            best5 = logits.topk(5, dim=-1).indices
-            out["top1"] += int((best5[:, 0] == labels).sum())
-            out["top5"] += int((best5 == labels[:, None]).any(dim=-1).sum())
-            out["baseline"] += int((labels == baseline_id).sum())
-            out["n"] += int(labels.numel())
+            sums, targets = masked_sums(net, t["input_ids"], t["attention_mask"], t["labels"])
+            for key, value in sums.items():
+                out[key] += value
+            out["baseline"] += int((targets == baseline_id).sum())
     return out

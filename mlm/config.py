@@ -126,6 +126,9 @@ class TrainConfig(_Section):
     max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
     learning_rate: float = Field(5e-4, gt=0.0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay (not on biases and LayerNorm).")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
+    adam_beta2: float = Field(0.98, ge=0.0, lt=1.0, description="AdamW beta2 (BERT/RoBERTa pretraining: 0.98; HF Trainer default 0.999).")
+    adam_epsilon: float = Field(1e-6, gt=0.0, description="AdamW epsilon (BERT/RoBERTa pretraining: 1e-6; HF Trainer default 1e-8).")
     warmup_steps: int = Field(100, ge=0, description="Linear warmup steps before the schedule.")
     schedule: Literal["linear", "cosine", "wsd"] = Field(
         "linear", description="After warmup: linear or cosine decay to zero, or warmup-stable-decay."

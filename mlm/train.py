@@ -54,11 +54,12 @@ def _param_groups(model, weight_decay: float):
 
 
 def build_optimizer(model, tc, device):
-    """AdamW as BERT/RoBERTa pretraining uses it: betas (0.9, 0.98), eps 1e-6, no weight
-    decay on biases and LayerNorms; the fused kernel on GPU."""
+    """AdamW with the config's betas and epsilon (default as BERT/RoBERTa pretraining:
+    (0.9, 0.98), 1e-6), no weight decay on biases and LayerNorms; the fused kernel on GPU."""
     import torch
 
-    return torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.learning_rate, betas=(0.9, 0.98), eps=1e-6,
+    return torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.learning_rate,
+                             betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon,
                              fused=getattr(device, "type", device) == "cuda")
 
 
@@ -266,27 +267,62 @@ def _steps(stream, accumulation: int):
             batch = []
 
 
-def _run_steps(w: _Worker, raw_model, model, optimizer, stream, log: "_StepLog", step: int) -> None:
+def _training_steps(w: _Worker, model, optimizer, stream, step: int):
+    """The loop's core: the learning rate of the step, `train_step` with the step's
+    dropout seeds, up to max_steps; yields (step done, epoch, lr, result)."""
     tc = w.cfg.train
     autocast = autocast_for(w.device)
-    stopper = _EarlyStopping(tc.early_stopping_patience)
     model.train()
     for epoch, micro_batches in _steps(stream, w.accumulation):
         lr = get_lr(step, tc)
         result = train_step(model, optimizer, micro_batches, lr=lr, grad_clip=tc.grad_clip, autocast=autocast,
                             dropout_seed=functools.partial(dropout_seed, tc.seed, step, w.rank))
         step += 1
+        yield step, epoch, lr, result
+        if step >= tc.max_steps:
+            return
+
+
+def _run_steps(w: _Worker, raw_model, model, optimizer, stream, log: "_StepLog", step: int) -> None:
+    tc = w.cfg.train
+    stopper = _EarlyStopping(tc.early_stopping_patience)
+    for step, epoch, lr, result in _training_steps(w, model, optimizer, stream, step):
         log.add(result)
         if step % tc.log_every == 0 or step == tc.max_steps:
             log.emit(step, lr, result.grad_norm, epoch)
         stop = False
         if tc.validate_every and (step % tc.validate_every == 0 or step == tc.max_steps):
-            stop = _validate_on_rank0(w, raw_model, log, stopper, step, autocast)
+            stop = _validate_on_rank0(w, raw_model, log, stopper, step, autocast_for(w.device))
             model.train()
         if step % tc.checkpoint_every == 0 or step == tc.max_steps or stop:
             _report(w, raw_model, optimizer, step, epoch, result.losses[-1], stop)
-        if step >= tc.max_steps or stop:
+        if stop:
             break
+
+
+def train_in_process(loop_config: dict[str, Any], device="cpu"):
+    """One worker's training in this process, without Ray Train (no DDP, logging,
+    validation or checkpoints): the loop's own model, data stream, schedule and
+    `train_step`, as one worker of `train` runs them. What `mlm bench quality` trains.
+    Returns (model, tokens trained on)."""
+    import torch
+
+    from mlm.model import build_model, masked_lm_objective
+
+    cfg = config_from_dict(loop_config["config"])
+    w = _Worker(loop_config, cfg, 0, 1, torch.device(device))
+    torch.manual_seed(cfg.train.seed)
+    c = loop_config
+    raw_model = build_model(cfg.model, c["vocab_size"], c["pad_token_id"], c["cls_token_id"], c["sep_token_id"]).to(w.device)
+    objective = masked_lm_objective(raw_model)
+    optimizer = build_optimizer(raw_model, cfg.train, w.device)
+    stream, tokens = _input_stream(w, 0), 0
+    try:
+        for _step, _epoch, _lr, result in _training_steps(w, objective, optimizer, stream, 0):
+            tokens += result.tokens
+    finally:
+        stream.close()
+    return raw_model, tokens
 
 
 class _EarlyStopping:

@@ -92,7 +92,7 @@ def _hf_steps(cfg: Config, vocab: int, pad: int, batches, device, warmup: int) -
         args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=batches[0]["input_ids"].shape[0], max_steps=len(batches),
             learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay, max_grad_norm=cfg.train.grad_clip,
-            adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6,  # as our optimizer (mlm.train.build_optimizer)
+            adam_beta1=cfg.train.adam_beta1, adam_beta2=cfg.train.adam_beta2, adam_epsilon=cfg.train.adam_epsilon,
             logging_steps=10**9, save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
             use_cpu=device.type != "cuda", bf16=device.type == "cuda", seed=cfg.train.seed,
         )
