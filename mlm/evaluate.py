@@ -183,6 +183,64 @@ def _tokenizer_of(model: str):
     return load_tokenizer(resolve_model_dir(model))
 
 
+SAMPLE_CONTEXT = 12  # tokens shown on each side of a sample's mask
+
+
+def sample_predictions(model: Any, data_dir: str | Path, rows: int = 8, top_k: int = 5) -> list[dict[str, Any]]:
+    """Fill-mask on the first `rows` held-out sequences (the validation split), for people:
+    in each, one position the evaluation set masks (the first whole word there) is masked
+    and the rest left as written. Per row: the text around the mask, the true token, the
+    model's top-k tokens with their probabilities. `model`: a model reference or a loaded
+    (model, tokenizer) pair."""
+    import torch
+
+    from mlm.compute import masked_logits
+    from mlm.masking import IGNORE_INDEX
+    from mlm.model import load_model_dir
+
+    net, tokenizer = load_model_dir(model) if isinstance(model, (str, Path)) else model
+    plan = plan_batches(shards.shard_paths(data_dir, "validation", verify=False), rows)[:1]
+    batch = next(read_batches(plan))
+    ids, labels = shards.column_2d(batch, "input_ids"), shards.column_2d(batch, "labels")
+    lengths = np.asarray(batch.column("num_tokens"))
+    original = np.where(labels >= 0, labels, ids).astype(np.int64)
+    picked = [(r, _sample_position(tokenizer, original[r], labels[r])) for r in range(len(lengths))]
+    picked = [(r, p) for r, p in picked if p is not None]
+    if not picked:
+        return []
+    inputs, targets = original[[r for r, _ in picked]].copy(), np.full((len(picked), original.shape[1]), IGNORE_INDEX)
+    for i, (r, p) in enumerate(picked):
+        inputs[i, p], targets[i, p] = tokenizer.mask_token_id, original[r, p]
+    attention = (np.arange(original.shape[1])[None, :] < lengths[[r for r, _ in picked], None]).astype(np.int64)
+    net.eval()
+    with torch.inference_mode():
+        logits, _ = masked_logits(net, torch.from_numpy(inputs), torch.from_numpy(attention), torch.from_numpy(targets))
+        best = torch.softmax(logits.float(), dim=-1).topk(top_k, dim=-1)
+    return [{"masked_text": _around(tokenizer, inputs[i], p, int(lengths[r])),
+             "true_token": tokenizer.convert_ids_to_tokens(int(original[r, p])),
+             "predictions": [{"token": tokenizer.convert_ids_to_tokens(int(t)), "score": float(s)}
+                             for t, s in zip(best.indices[i], best.values[i])]}
+            for i, (r, p) in enumerate(picked)]
+
+
+def _sample_position(tokenizer, ids: np.ndarray, labels: np.ndarray) -> int | None:
+    """The first masked position holding a whole alphabetic word (else the first masked one)."""
+    masked = [int(p) for p in np.flatnonzero(labels >= 0)]
+    tokens = tokenizer.convert_ids_to_tokens([int(ids[p]) for p in masked])
+    nexts = tokenizer.convert_ids_to_tokens([int(ids[p + 1]) if p + 1 < len(ids) else 0 for p in masked])
+    for p, token, after in zip(masked, tokens, nexts):
+        if token.isalpha() and not after.startswith("##"):
+            return p
+    return masked[0] if masked else None
+
+
+def _around(tokenizer, ids: np.ndarray, position: int, length: int) -> str:
+    """The row's text within SAMPLE_CONTEXT tokens of `position` ([CLS]/[SEP] left out)."""
+    start, stop = max(1, position - SAMPLE_CONTEXT), min(length - 1, position + SAMPLE_CONTEXT + 1)
+    text = tokenizer.decode([int(t) for t in ids[start:stop]])
+    return ("… " if start > 1 else "") + text + (" …" if stop < length - 1 else "")
+
+
 def better(metric: str, challenger: float, champion: float, margin: float) -> bool:
     """Does the challenger beat the champion by at least `margin` on `metric`?"""
     if metric == "loss":

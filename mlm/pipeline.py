@@ -35,14 +35,13 @@ def pretrain(inputs: list[str], cfg: Config, work: Path | None = None, *, data_d
              stage: str = "pipeline") -> dict[str, Any]:
     """Run every stage; `data_dir` (default: one per inputs and data settings under
     `paths.data`) is prepared, or extended when it holds a subset of the inputs. Every
-    path may be an object-store URI (a cluster has no shared disk)."""
+    path may be an object-store URI (a cluster has no shared disk). The pipeline run
+    gets the dataset as its input, the evaluation metrics as `eval_*` and the
+    training-curve figure."""
     import mlflow
 
-    from mlm import registry
-    from mlm.evaluate import evaluate, save_results
-    from mlm.prepare import prepare
+    from mlm import registry, report
     from mlm.runtime import tracking_uri, work_dir
-    from mlm.train import train
 
     work = Path(work) if work else work_dir()
     corpus.resolve_inputs(list(inputs), work)  # bad input fails here, before any run is recorded
@@ -51,27 +50,16 @@ def pretrain(inputs: list[str], cfg: Config, work: Path | None = None, *, data_d
     started = time.time()
     with registry.stage_run(stage, cfg) as parent:
         pid = parent.info.run_id
-        with registry.stage_run("prepare", cfg, pid):
-            manifest = prepare(inputs, data_dir, cfg, overwrite=True)
-            mlflow.log_dict(manifest.to_dict(), "manifest.json")
-            mlflow.log_metrics({
-                "documents_kept": manifest.documents.kept,
-                "train_tokens": manifest.splits["train"].tokens,
-                "validation_tokens": manifest.splits["validation"].tokens,
-            })
-        with registry.stage_run("train", cfg, pid) as run:
-            summary = train(data_dir, out_dir, cfg, mlflow_run_id=run.info.run_id)
-            mlflow.log_metrics({"train_seconds": summary["seconds"], "approx_tokens_per_s": summary["approx_tokens_per_s"]})
-        with registry.stage_run("evaluate", cfg, pid):
-            metrics = evaluate(summary["model_dir"], data_dir, cfg.eval.batch_size, engine=cfg.eval.engine,
-                               ray_min_rows=cfg.eval.ray_min_rows)
-            save_results(summary["model_dir"], metrics)
-            mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        dataset = report.dataset(data_dir, _prepare_stage(inputs, data_dir, cfg, pid))
+        report.log_dataset(dataset, "training")
+        summary, train_run_id = _train_stage(data_dir, out_dir, cfg, pid, dataset)
+        metrics = _evaluate_stage(summary["model_dir"], data_dir, cfg, pid, dataset)
         with registry.stage_run("register", cfg, pid) as run:
             reg = registry.register(
                 summary["model_dir"], cfg.registry.model_name, metrics, cfg, data_dir=data_dir, run_id=run.info.run_id
             )
-        mlflow.log_metrics({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        mlflow.log_metrics({f"eval_{k}": v for k, v in report.numeric(metrics).items()})
+        report.log_curves(train_run_id, metrics, f"{cfg.registry.model_name} v{reg['version']}: training and evaluation")
     return {
         "data_dir": str(data_dir),
         "model_dir": summary["model_dir"],
@@ -81,6 +69,56 @@ def pretrain(inputs: list[str], cfg: Config, work: Path | None = None, *, data_d
         "registered": reg,
         "seconds": round(time.time() - started, 1),
     }
+
+
+def _prepare_stage(inputs: list[str], data_dir: str, cfg: Config, pid: str):
+    """The prepare run: the dataset, its manifest as an artifact, its sizes as metrics."""
+    import mlflow
+
+    from mlm import registry
+    from mlm.prepare import prepare
+
+    with registry.stage_run("prepare", cfg, pid):
+        manifest = prepare(inputs, data_dir, cfg, overwrite=True)
+        mlflow.log_dict(manifest.to_dict(), "manifest.json")
+        mlflow.log_metrics({
+            "documents_kept": manifest.documents.kept,
+            "train_tokens": manifest.splits["train"].tokens,
+            "validation_tokens": manifest.splits["validation"].tokens,
+        })
+    return manifest
+
+
+def _train_stage(data_dir: str, out_dir: str, cfg: Config, pid: str, dataset) -> tuple[dict[str, Any], str]:
+    """The train run (the dataset as its training input): (train's summary, the run's id)."""
+    import mlflow
+
+    from mlm import registry, report
+    from mlm.train import train
+
+    with registry.stage_run("train", cfg, pid) as run:
+        report.log_dataset(dataset, "training")
+        summary = train(data_dir, out_dir, cfg, mlflow_run_id=run.info.run_id)
+        mlflow.log_metrics({"train_seconds": summary["seconds"], "approx_tokens_per_s": summary["approx_tokens_per_s"]})
+    return summary, run.info.run_id
+
+
+def _evaluate_stage(model_dir: str, data_dir: str, cfg: Config, pid: str, dataset) -> dict[str, Any]:
+    """The evaluate run: the dataset as its evaluation input, the metrics (also saved in
+    the model directory), the per-strategy and sample fill-mask tables."""
+    import mlflow
+
+    from mlm import registry, report
+    from mlm.evaluate import evaluate, sample_predictions, save_results
+
+    with registry.stage_run("evaluate", cfg, pid):
+        report.log_dataset(dataset, "evaluation")
+        metrics = evaluate(model_dir, data_dir, cfg.eval.batch_size, engine=cfg.eval.engine,
+                           ray_min_rows=cfg.eval.ray_min_rows)
+        save_results(model_dir, metrics)
+        mlflow.log_metrics(report.numeric(metrics))
+        report.log_evaluation(metrics, sample_predictions(model_dir, data_dir))
+    return metrics
 
 
 def summary_text(result: dict[str, Any], with_json: bool = True) -> str:

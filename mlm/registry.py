@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import subprocess
 from dataclasses import dataclass
@@ -124,7 +123,8 @@ def register(
         line.update(1, "logging the model")
         with _register_run(cfg, run_id) as active:
             tags |= _lineage(active)
-            version, gate = _register_and_gate(client, model, tokenizer, name, metrics, cfg, tags, data_dir, line)
+            version, gate = _register_and_gate(client, (model, tokenizer), name, metrics, cfg, tags,
+                                               (model_dir, data_dir), line)
         line.close(f"{name} v{version} -> @{gate.decision}")
     return {"name": name, "version": version, "alias": gate.decision, "reason": gate.reason, "metric": gate.metric,
             "score": gate.score, "champion_score": gate.champion_score,
@@ -132,22 +132,28 @@ def register(
             "model_uri": f"models:/{name}@{gate.decision}"}
 
 
-def _register_and_gate(client, model, tokenizer, name: str, metrics: dict[str, Any], cfg: Config,
-                       tags: dict[str, str], data_dir, line) -> tuple[str, "Gate"]:
-    """In the active run: log and register the model, decide, move one alias, log the
-    decision and the model card. Returns (version, gate)."""
-    version = _log_and_register(model, tokenizer, name, tags)
+def _register_and_gate(client, loaded, name: str, metrics: dict[str, Any], cfg: Config, tags: dict[str, str],
+                       dirs: tuple, line) -> tuple[str, "Gate"]:
+    """In the active run: log the model with its card (what is known before registration)
+    and the evaluation metrics linked to it, register it, decide, move one alias, log the
+    decision and the full card. `loaded`: (model, tokenizer); `dirs`: (model dir, data
+    dir or None). Returns (version, gate)."""
+    data_dir = dirs[1]
+    info = _log_model(*loaded, hub_card(model_card(name, metrics, cfg, tags, data_dir), name, metrics, cfg, tags))
+    _link_metrics(info.model_id, metrics, data_dir)
+    version = _register_version(client, name, info, tags)
     line.update(1, f"v{version} registered, gate")
     gate = _gate(client, name, metrics, cfg, tags["data_fingerprint"], data_dir)
     line.update(1, f"v{version} -> @{gate.decision}")
     _apply_gate(client, name, version, gate)
-    _log_gate(client, name, version, gate, metrics, cfg, tags, data_dir)
+    _log_gate(client, name, version, gate, metrics, cfg, tags, dirs)
     line.update(1)
     return version, gate
 
 
 def _version_tags(tokenizer, metrics: dict[str, Any], cfg: Config) -> dict[str, str]:
     """What a version records about where it comes from and how it scored."""
+    from mlm.report import numeric
     from mlm.tokenizer import fingerprint
 
     return {
@@ -155,7 +161,7 @@ def _version_tags(tokenizer, metrics: dict[str, Any], cfg: Config) -> dict[str, 
         "tokenizer_fingerprint": fingerprint(tokenizer),
         "config_hash": cfg.config_hash(),
         "code_version": code_version(),
-        **{f"eval.{k}": str(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+        **{f"eval.{k}": str(v) for k, v in numeric(metrics).items()},
     }
 
 
@@ -182,39 +188,47 @@ def _lineage(run) -> dict[str, str]:
     return tags
 
 
-def _log_and_register(model, tokenizer, name: str, tags: dict[str, str]) -> str:
-    """Log the model to the active run and register it (the registered model is created
-    on first use): the new version's number. MlflowClient's calls, not
-    `mlflow.register_model`, which prints its progress on stderr."""
+def _log_model(model, tokenizer, card):
+    """Log the model to the active run with its model card (a huggingface_hub ModelCard:
+    MLflow writes it as the model's `model_card.md` and `model_card_data.yaml` instead of
+    looking for one on the hub). Returns MLflow's ModelInfo (`model_id`, `model_uri`)."""
     import mlflow
+
+    return mlflow.transformers.log_model(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        name="model",
+        task="fill-mask",
+        pip_requirements=_pip_requirements(),
+        model_card=card,
+    )
+
+
+def _link_metrics(model_id: str, metrics: dict[str, Any], data_dir: str | Path | None) -> None:
+    """The evaluation metrics logged to the active run for the logged model (MLflow 3:
+    they are the model's metrics on its page and in the logged-models API), with the
+    dataset they were measured on when it is known (then also the run's input: MLflow
+    would add it without a context)."""
+    import mlflow
+
+    from mlm import report
+
+    dataset = report.dataset(data_dir) if data_dir else None
+    report.log_dataset(dataset, "evaluation")
+    mlflow.log_metrics(report.numeric(metrics), model_id=model_id, dataset=dataset)
+
+
+def _register_version(client, name: str, info, tags: dict[str, str]) -> str:
+    """Register the logged model (the registered model is created on first use): the new
+    version's number. MlflowClient's calls, not `mlflow.register_model`, which prints its
+    progress on stderr."""
     from mlflow.exceptions import MlflowException
 
-    logger = logging.getLogger("mlflow.transformers")
-    logger.addFilter(_no_hub_metadata)
-    try:
-        info = mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tokenizer},
-            name="model",
-            task="fill-mask",
-            pip_requirements=_pip_requirements(),
-        )
-    finally:
-        logger.removeFilter(_no_hub_metadata)
-    client = mlflow.MlflowClient()
     try:
         client.create_registered_model(name)
     except MlflowException as e:
         if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
     return str(client.create_model_version(name, source=info.model_uri, tags=tags, model_id=info.model_id).version)
-
-
-def _no_hub_metadata(record: logging.LogRecord) -> bool:
-    """MLflow looks a model up on the Hugging Face hub by its folder name for a model card
-    and a license; a model trained here has neither there (the model card is ours)."""
-    message = record.getMessage()
-    return not message.startswith(("The model card could not be retrieved from the hub",
-                                   "Unable to find license information for this model"))
 
 
 @dataclass(frozen=True)
@@ -271,29 +285,60 @@ def _apply_gate(client, name: str, version: str, gate: Gate) -> None:
 
 
 def _log_gate(client, name: str, version: str, gate: Gate, metrics: dict[str, Any], cfg: Config,
-              tags: dict[str, str], data_dir: str | Path | None) -> None:
-    """gate.json and the model card on the run; the card on the version's page too."""
+              tags: dict[str, str], dirs: tuple) -> None:
+    """gate.json and the full model card on the run; the card on the version's page too,
+    and as README.md (with the Hugging Face metadata) in the model directory unless the
+    model was given as an MLflow URI."""
     import mlflow
 
+    from mlm import storage
+    from mlm.resolve import MLFLOW_SCHEMES
+
+    model_dir, data_dir = dirs
     mlflow.log_dict({"version": version, "alias": gate.decision, "reason": gate.reason}, "gate.json")
-    card = model_card(name, version, gate.decision, gate.reason, metrics, cfg, tags, data_dir)
+    card = model_card(name, metrics, cfg, tags, data_dir, version=version, gate=gate)
     mlflow.log_text(card, "model_card.md")
     client.update_model_version(name, version, description=card)
+    if not str(model_dir).startswith(MLFLOW_SCHEMES):
+        storage.write_text(storage.join(model_dir, MODEL_README), str(hub_card(card, name, metrics, cfg, tags)))
 
 
-def model_card(name: str, version: str, alias: str, reason: str, metrics: dict[str, Any], cfg: Config,
-               tags: dict[str, str], data_dir: str | Path | None) -> str:
-    """Markdown: what the model is, what data and config made it, how it scored, how to load it."""
+MODEL_README = "README.md"  # the model card in the model directory (the Hugging Face convention)
+
+
+def hub_card(card: str, name: str, metrics: dict[str, Any], cfg: Config, tags: dict[str, str]):
+    """The card as a huggingface_hub ModelCard: YAML metadata (library, task, tags, the
+    evaluation as model-index) above the markdown. The license is `unknown`: it follows
+    from the corpus, which mlm cannot know."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    dataset_name = f"mlm validation split {tags['data_fingerprint']}"
+    results = [EvalResult(task_type="fill-mask", dataset_type="mlm-evaluation-set", dataset_name=dataset_name,
+                          metric_type=kind, metric_name=label, metric_value=float(metrics[key]))
+               for key, kind, label in (("top1_accuracy", "accuracy", "masked top-1 accuracy"),
+                                        ("top5_accuracy", "accuracy", "masked top-5 accuracy"),
+                                        ("perplexity", "perplexity", "perplexity")) if key in metrics]
+    data = ModelCardData(license="unknown", library_name="transformers", pipeline_tag="fill-mask", model_name=name,
+                         tags=["mlm", "masked-lm", cfg.model.architecture], eval_results=results or None)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{card}")
+
+
+def model_card(name: str, metrics: dict[str, Any], cfg: Config, tags: dict[str, str], data_dir: str | Path | None,
+               version: str | None = None, gate: Gate | None = None) -> str:
+    """Markdown: what the model is, what data and config made it, how it scored, how to
+    load it; with `version` and `gate` (after registration) also which version it is and
+    the gate's decision."""
     from mlm import shards
 
     manifest = shards.Manifest.read(data_dir) if data_dir else None
+    alias = gate.decision if gate else CHAMPION
     m = cfg.model
     lines = [
-        f"# {name} v{version} (`@{alias}`)", "",
+        f"# {name} v{version} (`@{alias}`)" if version else f"# {name}", "",
         f"BERT-style masked language model ({m.architecture}, {m.num_layers} layers, hidden {m.hidden_size}, "
         f"{m.num_heads} heads), pretrained with mlm — code version `{tags['code_version']}`, "
         f"config hash `{tags['config_hash']}`.", "",
-        "## Gate", "", f"{reason}.", "",
+        *(["## Gate", "", f"{gate.reason}.", ""] if gate else []),
         "## Evaluation (fixed evaluation set: validation split masked at "
         f"{cfg.eval.rate:.0%}, seed {cfg.eval.seed})", "",
         "| metric | value |", "| --- | --- |",
@@ -303,14 +348,7 @@ def model_card(name: str, version: str, alias: str, reason: str, metrics: dict[s
         f"Dataset fingerprint `{tags['data_fingerprint']}`.",
     ]
     if manifest:
-        train, masking = manifest.splits["train"], manifest.masking["train"]
-        lines += [
-            f"{len(manifest.inputs)} input file(s); {manifest.documents.kept:,} documents kept, dropped: "
-            f"{manifest.documents.dropped or 'none'}; {train.tokens:,} training tokens in {train.rows:,} "
-            f"sequences of {manifest.seq_len}; tokenizer {manifest.tokenizer.fingerprint} "
-            f"({manifest.tokenizer.vocab_size:,} tokens); training masking "
-            f"{masking.get('strategy')} at {masking.get('rate')} ({masking.get('mode', 'static')}).",
-        ]
+        lines += [_data_line(manifest)]
     lines += [
         "", "## Training config", "", "```yaml", cfg.to_yaml().strip(), "```", "",
         "## Load it", "", "```python",
@@ -324,6 +362,15 @@ def model_card(name: str, version: str, alias: str, reason: str, metrics: dict[s
         f"CLI: `mlm fill-mask \"the [MASK] statement returns a value.\" --model models:/{name}@{alias}`", "",
     ]
     return "\n".join(lines)
+
+
+def _data_line(manifest) -> str:
+    train, masking = manifest.splits["train"], manifest.masking["train"]
+    return (f"{len(manifest.inputs)} input file(s); {manifest.documents.kept:,} documents kept, dropped: "
+            f"{manifest.documents.dropped or 'none'}; {train.tokens:,} training tokens in {train.rows:,} "
+            f"sequences of {manifest.seq_len}; tokenizer {manifest.tokenizer.fingerprint} "
+            f"({manifest.tokenizer.vocab_size:,} tokens); training masking "
+            f"{masking.get('strategy')} at {masking.get('rate')} ({masking.get('mode', 'static')}).")
 
 
 def _alias_version(client, name: str, alias: str):

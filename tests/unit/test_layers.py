@@ -31,6 +31,7 @@ LAYERS = [
     "loader",     # deterministic, resumable training input
     "train",      # Ray Train DDP loop and launch
     "evaluate",   # held-out metrics (local or Ray Data)
+    "report",     # what MLflow shows people: dataset input, curves figure, tables
     "registry",   # MLflow runs, registration, the gate, lifecycle
     "predict",    # fill-mask and batch inference
     "export",     # ONNX export with a parity check
