@@ -134,6 +134,10 @@ class TrainConfig(_Section):
         "linear", description="After warmup: linear or cosine decay to zero, or warmup-stable-decay."
     )
     decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="wsd: share of the steps spent decaying to zero.")
+    shuffle_window: int = Field(
+        16, ge=1, description="Row groups whose rows are shuffled together each epoch (a shuffle buffer of up to "
+        "shuffle_window x 8192 rows per worker); 1: shuffle inside each row group only."
+    )
     prefetch_batches: int = Field(4, ge=1, description="Micro-batches each worker prepares ahead in a background thread.")
     validate_every: int = Field(0, ge=0, description="Steps between validations on the fixed evaluation set; 0: none.")
     validate_batches: int = Field(20, ge=1, description="Validation batches per validation (eval.batch_size rows each).")

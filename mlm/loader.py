@@ -5,8 +5,9 @@ worker sees depend on timing; that rules out exact resume after a failure and th
 loss curve on one node and on two. This loader decides everything from the data, the
 seed, the epoch and the worker count:
 
-    epoch order = row groups of all shards in a seeded permutation, the rows of each
-                  group in a seeded permutation, concatenated into one stream
+    epoch order = row groups of all shards in a seeded permutation, taken
+                  `train.shuffle_window` groups at a time; the rows of each window in
+                  a seeded permutation, the windows concatenated into one stream
     micro-batch k of the epoch = stream rows [k*B, (k+1)*B)
     worker w reads micro-batches w, w + W, w + 2W, ...
 
@@ -52,35 +53,54 @@ def _rng(seed: int, epoch: int, *keys: int) -> np.random.Generator:
 
 
 class EpochPlan:
-    """The row order of one epoch and the micro-batches of one worker."""
+    """The row order of one epoch and the micro-batches of one worker.
 
-    def __init__(self, groups: list[RowGroup], seed: int, epoch: int, micro_batch: int, world: int, shuffle: bool = True):
+    The row groups are put in a seeded order and taken `window` at a time; the rows of
+    the groups of one window are shuffled together. A shard's row groups hold
+    consecutive documents of one input range (one topic, one file), so shuffling inside
+    one group only would draw every batch from one place of the corpus for hundreds of
+    steps; a window mixes `window` groups drawn from all over it (a shuffle buffer of
+    `window` row groups, `window` x 8192 rows at most, per worker)."""
+
+    def __init__(self, groups: list[RowGroup], seed: int, epoch: int, micro_batch: int, world: int,
+                 shuffle: bool = True, window: int = 1):
         self.groups, self.seed, self.epoch, self.shuffle = groups, seed, epoch, shuffle
-        self.micro_batch, self.world = micro_batch, world
+        self.micro_batch, self.world, self.window = micro_batch, world, max(1, window)
         self.order = _rng(seed, epoch).permutation(len(groups)) if shuffle else np.arange(len(groups))
         sizes = np.array([groups[g].rows for g in self.order], np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(sizes)])  # stream offset of each group in order
+        cuts = np.arange(0, len(groups), self.window)
+        self.window_sizes = np.add.reduceat(sizes, cuts) if len(sizes) else np.zeros(0, np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.window_sizes)])  # stream offset of each window
         total = int(self.starts[-1])
         self.micro_batches_per_worker = total // (micro_batch * world)
+        self._cached: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
 
-    def rows_in_group(self, position: int) -> np.ndarray:
-        """Row order inside the group at `position` of the epoch order."""
-        g = int(self.order[position])
-        n = self.groups[g].rows
-        return _rng(self.seed, self.epoch, 1, g).permutation(n) if self.shuffle else np.arange(n)
+    def rows_in_window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """(group position in the epoch order, row in that group) of every row of window
+        `w`, in stream order."""
+        if self._cached is None or self._cached[0] != w:
+            positions = range(w * self.window, min((w + 1) * self.window, len(self.order)))
+            rows = [self.groups[int(self.order[p])].rows for p in positions]
+            pos = np.repeat(np.array(list(positions), np.int64), rows)
+            row = np.concatenate([np.arange(n) for n in rows]) if rows else np.zeros(0, np.int64)
+            if self.shuffle:
+                perm = _rng(self.seed, self.epoch, 1, w).permutation(len(pos))
+                pos, row = pos[perm], row[perm]
+            self._cached = (w, (pos, row))
+        return self._cached[1]
 
     def batch_spans(self, rank: int, start: int = 0) -> Iterator[list[tuple[int, int, int]]]:
         """For this worker's micro-batches from number `start` on: the pieces
-        (group position, first, last) of the stream that make up each batch."""
+        (window, first, last) of the stream that make up each batch."""
         for i in range(start, self.micro_batches_per_worker):
             k = i * self.world + rank
             lo, hi = k * self.micro_batch, (k + 1) * self.micro_batch
-            pos = int(np.searchsorted(self.starts, lo, side="right")) - 1
+            w = int(np.searchsorted(self.starts, lo, side="right")) - 1
             pieces = []
             while lo < hi:
-                end = min(hi, int(self.starts[pos + 1]))
-                pieces.append((pos, lo - int(self.starts[pos]), end - int(self.starts[pos])))
-                lo, pos = end, pos + 1
+                end = min(hi, int(self.starts[w + 1]))
+                pieces.append((w, lo - int(self.starts[w]), end - int(self.starts[w])))
+                lo, w = end, w + 1
             yield pieces
 
 
@@ -106,12 +126,16 @@ def worker_batches(plan: EpochPlan, rank: int, start: int = 0, cache: GroupCache
     """pyarrow tables, one per micro-batch of this worker, from micro-batch `start` on."""
     import pyarrow as pa
 
-    cache = cache or GroupCache()
+    cache = cache or GroupCache(size=plan.window + 1)
     for pieces in plan.batch_spans(rank, start):
         parts = []
-        for pos, first, last in pieces:
-            table = cache.get(plan.groups[int(plan.order[pos])])
-            parts.append(table.take(pa.array(plan.rows_in_group(pos)[first:last])))
+        for w, first, last in pieces:
+            pos, row = (a[first:last] for a in plan.rows_in_window(w))
+            by_group = np.argsort(pos, kind="stable")  # one take per group, then back to stream order
+            taken = [cache.get(plan.groups[int(plan.order[p])]).take(pa.array(row[by_group][pos[by_group] == p]))
+                     for p in np.unique(pos)]
+            table = pa.concat_tables(taken) if len(taken) > 1 else taken[0]
+            parts.append(table.take(pa.array(np.argsort(by_group, kind="stable"))) if len(taken) > 1 else table)
         yield pa.concat_tables(parts) if len(parts) > 1 else parts[0]
 
 

@@ -237,7 +237,8 @@ def _input_stream(w: _Worker, first: int):
     masker = Masker(spec) if spec else None
     groups = [RowGroup(**g) for g in w.loop_config["row_groups"]]
     shuffle = w.loop_config.get("packing", "pack") == "pack"  # length-binned (padded) data keeps its bins
-    per_epoch = EpochPlan(groups, tc.seed, 0, tc.micro_batch_size, w.world_size).micro_batches_per_worker
+    per_epoch = EpochPlan(groups, tc.seed, 0, tc.micro_batch_size, w.world_size, shuffle,
+                          tc.shuffle_window).micro_batches_per_worker
     if per_epoch == 0:
         raise RuntimeError("the training split is smaller than train.micro_batch_size x train.num_workers")
 
@@ -245,7 +246,7 @@ def _input_stream(w: _Worker, first: int):
         # the position alone decides what comes next
         epoch, offset = divmod(first, per_epoch)
         while True:
-            plan = EpochPlan(groups, tc.seed, epoch, tc.micro_batch_size, w.world_size, shuffle)
+            plan = EpochPlan(groups, tc.seed, epoch, tc.micro_batch_size, w.world_size, shuffle, tc.shuffle_window)
             for table in worker_batches(plan, w.rank, offset):
                 yield epoch, table
             epoch, offset = epoch + 1, 0
@@ -316,10 +317,14 @@ def train_in_process(loop_config: dict[str, Any], device="cpu"):
     raw_model = build_model(cfg.model, c["vocab_size"], c["pad_token_id"], c["cls_token_id"], c["sep_token_id"]).to(w.device)
     objective = masked_lm_objective(raw_model)
     optimizer = build_optimizer(raw_model, cfg.train, w.device)
+    from mlm.progress import Progress
+
     stream, tokens = _input_stream(w, 0), 0
     try:
-        for _step, _epoch, _lr, result in _training_steps(w, objective, optimizer, stream, 0):
-            tokens += result.tokens
+        with Progress("train", total=cfg.train.max_steps, unit="steps") as line:
+            for _step, _epoch, _lr, result in _training_steps(w, objective, optimizer, stream, 0):
+                tokens += result.tokens
+                line.update(1, f"loss {sum(result.losses) / len(result.losses):.3f}")
     finally:
         stream.close()
     return raw_model, tokens
