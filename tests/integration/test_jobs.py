@@ -83,6 +83,116 @@ def test_submitted_pipeline_finishes_and_registers(submitted, s3_server):
     assert len(answers) == 2 and all(isinstance(a, str) and a for a in answers), answers
 
 
+def _rest(base: str, path: str, body: dict | None = None, raw: bool = False):
+    """One call to the tracking server's HTTP API, as the MLflow UI makes it."""
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base + path, data=data, method="GET" if body is None else "POST",
+                                     headers={} if body is None else {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        content = response.read()
+    return content if raw else json.loads(content)
+
+
+def _tags(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def _metrics(run: dict) -> dict[str, float]:
+    return {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
+
+
+def _table(content: bytes) -> list[dict]:
+    """An `mlflow.log_table` artifact (pandas' split layout) as rows."""
+    table = json.loads(content)
+    return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+
+def _stage_runs(base: str, register_run_id: str) -> dict[str, dict]:
+    """The pipeline run and its stage runs, by `mlm.stage`, found from the register run."""
+    register = _rest(base, f"/api/2.0/mlflow/runs/get?run_id={register_run_id}")["run"]
+    pid = _tags(register)["mlflow.parentRunId"]
+    children = _rest(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [register["info"]["experiment_id"]],
+                                                           "filter": f"tags.mlflow.parentRunId = '{pid}'"})["runs"]
+    ids = [run["info"]["run_id"] for run in children] + [pid]
+    runs = [_rest(base, f"/api/2.0/mlflow/runs/get?run_id={run_id}")["run"] for run_id in ids]
+    return {_tags(run)["mlm.stage"]: run for run in runs}
+
+
+def test_mlflow_ui_shows_curves_tables_dataset_and_model_card(submitted, s3_server):
+    """What a person browsing MLflow expects, read over HTTP from the tracking server: the
+    pipeline run's training-curve figure, the evaluate run's per-strategy accuracy and
+    sample fill-mask tables, the dataset (digest: the manifest's fingerprint, source: its
+    S3 folder) as input of the pipeline, train and evaluate runs, the evaluation metrics
+    linked to the logged model, and the model card on the logged model and as README.md
+    in the model directory."""
+    from mlm import shards, storage
+
+    r, _, cluster = submitted
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    version = _rest(cluster.mlflow, "/api/2.0/mlflow/model-versions/get?name=submitted&version=1")["model_version"]
+    runs = _stage_runs(cluster.mlflow, version["run_id"])
+    assert set(runs) == {"pipeline", "prepare", "train", "evaluate", "register"}
+
+    def artifact(stage: str, path: str) -> bytes:
+        return _rest(cluster.mlflow, f"/get-artifact?path={path}&run_uuid={runs[stage]['info']['run_id']}", raw=True)
+
+    # The figure, on the pipeline run.
+    listed = _rest(cluster.mlflow, f"/api/2.0/mlflow/artifacts/list?run_id={runs['pipeline']['info']['run_id']}")["files"]
+    assert "training_curves.png" in {f["path"] for f in listed}
+    png = artifact("pipeline", "training_curves.png")
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+    # The tables, on the evaluate run, agreeing with its metrics.
+    evaluated = _metrics(runs["evaluate"])
+    strategies = {row["strategy"]: row for row in _table(artifact("evaluate", "eval/strategy_accuracy.json"))}
+    assert list(strategies) == ["random", "whole_word", "span"]
+    assert strategies["random"]["top1_accuracy"] == pytest.approx(evaluated["top1_accuracy"])
+    assert strategies["span"]["top5_accuracy"] == pytest.approx(evaluated["span_top5_accuracy"])
+    samples = _table(artifact("evaluate", "eval/fill_mask_samples.json"))
+    (data_key,) = storage.list_names(s3_server.uri("job/data"))
+    data_dir = s3_server.uri(f"job/data/{data_key}")
+    manifest = shards.Manifest.read(data_dir)
+    assert len(samples) == min(8, manifest.splits["validation"].rows), samples
+    assert all(s["masked_text"].count("[MASK]") == 1 and s["true_token"] and s["predictions"].count(" | ") == 4
+               for s in samples), samples
+
+    # The dataset: the manifest's fingerprint, from its folder on S3.
+    fingerprint = manifest.fingerprint
+    for stage, context in (("pipeline", "training"), ("train", "training"), ("evaluate", "evaluation"),
+                           ("register", "evaluation")):
+        (given,) = runs[stage]["inputs"]["dataset_inputs"]
+        assert given["dataset"]["digest"] == fingerprint and given["dataset"]["source_type"] == "s3", given
+        assert json.loads(given["dataset"]["source"])["uri"] == data_dir
+        assert {"key": "mlflow.data.context", "value": context} in given["tags"]
+        assert json.loads(given["dataset"]["profile"])["validation_rows"] > 0
+
+    # The evaluation metrics on the logged model (the register run's output, the version's
+    # source), measured on that dataset.
+    (output,) = runs["register"]["outputs"]["model_outputs"]
+    model_id = output["model_id"]
+    assert version["source"] == f"models:/{model_id}"
+    model = _rest(cluster.mlflow, f"/api/2.0/mlflow/logged-models/{model_id}")["model"]
+    linked = {m["key"]: m for m in model["data"]["metrics"]}
+    assert linked["top1_accuracy"]["value"] == pytest.approx(evaluated["top1_accuracy"])
+    assert linked["top1_accuracy"]["dataset_digest"] == fingerprint
+    assert linked["top1_accuracy"]["run_id"] == version["run_id"] == model["info"]["source_run_id"]
+
+    # The model card: given to MLflow (no hub lookup), and README.md in the model folder.
+    files = f"/ajax-api/2.0/mlflow/logged-models/{model_id}/artifacts/files?artifact_file_path="
+    card = _rest(cluster.mlflow, files + "model_card.md", raw=True).decode()
+    assert card.startswith("# submitted\n") and "## Evaluation" in card and fingerprint in card
+    assert "license: unknown" in _rest(cluster.mlflow, files + "model_card_data.yaml", raw=True).decode()
+    printed = r.stdout + r.stderr  # the job's own output, streamed by --follow
+    assert "registry  submitted v1" in printed and "could not be retrieved from the hub" not in printed
+    assert "Unable to find license information" not in printed
+    (run_key,) = storage.list_names(s3_server.uri("job/runs"))
+    readme = storage.read_text(s3_server.uri(f"job/runs/{run_key}/model/README.md"))
+    assert readme.startswith("---\n") and "pipeline_tag: fill-mask" in readme
+    assert readme.endswith(version["description"]) and version["description"].startswith("# submitted v1 (`@champion`)")
+
+
 def test_jobs_list_and_logs(submitted):
     _, env, cluster = submitted
     listed = _mlm(["jobs", "list", "--address", cluster.dashboard], env, timeout=120)
