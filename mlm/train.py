@@ -446,7 +446,7 @@ def _log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> N
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
-def _dynamic_masker_spec(manifest: shards.Manifest, tokenizer) -> dict[str, Any] | None:
+def dynamic_masker_spec(manifest: shards.Manifest, tokenizer) -> dict[str, Any] | None:
     """The masker a dynamic-masking dataset asks for: its settings, the tokenizer's tables."""
     from mlm.prepare import masker_spec
 
@@ -634,7 +634,7 @@ def _loop_config(data_dir: str, out_dir: str, manifest, tokenizer, cfg: Config, 
         "mlflow_run_id": mlflow_run_id,
         "tracking_uri": tracking_uri(),
         "packing": manifest.packing,
-        "dynamic_masking": _dynamic_masker_spec(manifest, tokenizer),
+        "dynamic_masking": dynamic_masker_spec(manifest, tokenizer),
     }
 
 

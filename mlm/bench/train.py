@@ -21,15 +21,18 @@ from mlm.compute import peak_flops
 from mlm.config import Config
 
 
-def _batches(data_dir: Path, micro: int, count: int) -> list[dict[str, Any]]:
+def _batches(data_dir: Path, micro: int, count: int, masker=None) -> list[dict[str, Any]]:
+    """`count` full micro-batches of the training split as tensors; a dynamic-masking
+    dataset masked as the training loop masks it (`masker`)."""
     from mlm.compute import batch_to_tensors
 
     out: list[dict[str, Any]] = []
+    seed = masker.spec["seed"] if masker else 0
     while len(out) < count:
         for path in shards.shard_paths(data_dir, "train"):
             for batch in storage.parquet_file(path).iter_batches(batch_size=micro):
                 if batch.num_rows == micro:
-                    out.append(batch_to_tensors(batch, "cpu"))
+                    out.append(batch_to_tensors(batch, "cpu", masker, seed))
                 if len(out) == count:
                     return out
     return out
@@ -116,7 +119,11 @@ def bench_train(cfg: Config, data_dir: str | Path, steps: int = 30, warmup: int 
     manifest = shards.Manifest.read(data_dir)
     tok = load_tokenizer(data_dir / manifest.tokenizer.dir)
     micro = cfg.train.micro_batch_size
-    batches = _batches(data_dir, micro, warmup + steps)
+    from mlm.masking import Masker
+    from mlm.train import dynamic_masker_spec
+
+    spec = dynamic_masker_spec(manifest, tok)
+    batches = _batches(data_dir, micro, warmup + steps, Masker(spec) if spec else None)
     if len(batches) < warmup + steps:
         raise shards.DatasetError(f"{data_dir} holds fewer than {warmup + steps} batches of {micro}")
     use_cuda = cfg.train.use_gpu and torch.cuda.is_available()

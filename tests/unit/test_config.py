@@ -11,10 +11,10 @@ def test_defaults_and_every_preset_are_valid():
 
 
 def test_resolution_order_and_types():
-    cfg = load_config("tiny", ["train.max_steps=7", "masking.rate=0.3", "train.use_gpu=false", "registry.model_name=x"])
-    assert cfg.train.max_steps == 7 and cfg.masking.rate == 0.3 and cfg.train.use_gpu is False
+    cfg = load_config("tiny", ["train.max_steps=7", "masking.rate=0.2", "train.use_gpu=false", "registry.model_name=x"])
+    assert cfg.train.max_steps == 7 and cfg.masking.rate == 0.2 and cfg.train.use_gpu is False
     assert cfg.model.hidden_size == 128  # from the preset
-    assert cfg.train.weight_decay == 0.01  # from the class default
+    assert cfg.train.weight_decay == 0.0 and cfg.train.adam_beta2 == 0.98  # from the class defaults
     assert cfg.config_hash() != load_config("tiny").config_hash()
 
 
