@@ -298,15 +298,17 @@ def models_rollback(name) -> None:
 @click.option("--port", default=5000, show_default=True, type=int)
 def ui(host, port) -> None:
     """Open the MLflow UI on the configured store."""
-    from mlm.runtime import artifact_root, tracking_uri
+    from mlm.runtime import artifact_root, is_database_store, redact_uri, tracking_uri
 
     uri = tracking_uri()
-    if not uri.startswith(("sqlite:", "postgresql:", "mysql:")):
-        click.echo(f"the tracking store is a server: open {uri}")
+    if not is_database_store(uri):
+        click.echo(f"the tracking store is a server: open {redact_uri(uri)}")
         return
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-           "--default-artifact-root", artifact_root(), "--host", host, "--port", str(port)]
-    click.echo(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)", err=True)
+    # the store URI (it may hold a password) goes by environment, not on the command line
+    os.environ["MLFLOW_BACKEND_STORE_URI"] = uri
+    cmd = [sys.executable, "-m", "mlflow", "server", "--default-artifact-root", artifact_root(),
+           "--host", host, "--port", str(port)]
+    click.echo(f"MLflow UI on http://{host}:{port} for {redact_uri(uri)} (Ctrl-C stops it)", err=True)
     os.execv(sys.executable, cmd)
 
 

@@ -41,7 +41,7 @@ def pretrain(inputs: list[str], cfg: Config, work: Path | None = None, *, data_d
     import mlflow
 
     from mlm import registry, report
-    from mlm.runtime import tracking_uri, work_dir
+    from mlm.runtime import redact_uri, tracking_uri, work_dir
 
     work = Path(work) if work else work_dir()
     corpus.resolve_inputs(list(inputs), work)  # bad input fails here, before any run is recorded
@@ -63,7 +63,7 @@ def pretrain(inputs: list[str], cfg: Config, work: Path | None = None, *, data_d
     return {
         "data_dir": str(data_dir),
         "model_dir": summary["model_dir"],
-        "tracking_uri": tracking_uri(),
+        "tracking_uri": redact_uri(tracking_uri()),  # printed: never a password
         "pipeline_run_id": pid,
         "metrics": {k: metrics[k] for k in ("top1_accuracy", "top5_accuracy", "loss", "perplexity", "baseline_top1_accuracy")},
         "registered": reg,
@@ -126,7 +126,9 @@ def summary_text(result: dict[str, Any], with_json: bool = True) -> str:
     `with_json`, the result as a last JSON line (`{"summary": ...}`, what `mlm retrain`
     prints for scripts)."""
     reg, m = result["registered"], result["metrics"]
-    uri = result["tracking_uri"]
+    from mlm.runtime import redact_uri
+
+    uri = redact_uri(result["tracking_uri"])
     ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" if uri.startswith("sqlite:") else uri
     lines = [
         f"data      {result['data_dir']}",

@@ -55,14 +55,14 @@ def setup(experiment: str) -> str:
     PostgreSQL, rather than a tracking server)."""
     import mlflow
 
-    from mlm.runtime import artifact_root, tracking_uri
+    from mlm.runtime import artifact_root, is_database_store, tracking_uri
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is not None:
         return exp.experiment_id
-    database = uri.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql", "mssql")
+    database = is_database_store(uri)
     location = f"{artifact_root()}/{experiment}" if database else None  # else MLflow's ./mlruns in the cwd
     return mlflow.create_experiment(experiment, artifact_location=location)
 

@@ -43,6 +43,26 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{work_dir() / 'mlflow.db'}"
 
 
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def is_database_store(uri: str) -> bool:
+    """A SQLAlchemy tracking store (`postgresql+psycopg2://...` included), not a server."""
+    return uri.split(":", 1)[0].split("+", 1)[0] in DATABASE_SCHEMES
+
+
+def redact_uri(uri: str) -> str:
+    """The URI as it may be printed or logged: a password in it replaced by `***`."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def artifact_root() -> str:
     """Artifact location for new experiments on the embedded store."""
     return (work_dir() / "mlartifacts").as_uri()
