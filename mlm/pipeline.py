@@ -142,6 +142,6 @@ def summary_text(result: dict[str, Any], with_json: bool = True) -> str:
         f"took      {result['seconds']:.0f}s",
     ]
     if with_json:
-        lines.append(json.dumps({"summary": {k: v for k, v in result.items() if k != "registered"} | {"registered": reg}},
-                                default=str))
+        summary = {k: v for k, v in result.items() if k != "registered"} | {"tracking_uri": uri, "registered": reg}
+        lines.append(json.dumps({"summary": summary}, default=str))
     return "\n".join(lines)
