@@ -19,6 +19,19 @@ def texts():
             return docs
 
 
+@pytest.fixture(scope="module")
+def saved(texts, tmp_path_factory):
+    """One 700-token tokenizer of each kind, trained once and saved, for the tests that
+    only read one (unigram training alone takes ~10 s): kind -> folder."""
+    def train_and_save(kind):
+        path = tmp_path_factory.mktemp(f"tok-{kind}")
+        save_tokenizer(train_tokenizer(texts, TokenizerConfig(kind=kind, vocab_size=700)), path)
+        return path
+
+    cache: dict = {}
+    return lambda kind: cache[kind] if kind in cache else cache.setdefault(kind, train_and_save(kind))
+
+
 def test_train_save_load_round_trip(texts, tmp_path):
     tok = train_tokenizer(texts, TokenizerConfig(vocab_size=1000, min_frequency=2))
     assert len(tok) == 1000
@@ -46,11 +59,10 @@ def test_load_rejects_a_folder_without_tokenizer(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["wordpiece", "bpe", "unigram"])
-def test_every_kind_has_bert_specials_and_word_starts(texts, tmp_path, kind):
+def test_every_kind_has_bert_specials_and_word_starts(saved, kind):
     from mlm.tokenizer import word_start_table
 
-    save_tokenizer(train_tokenizer(texts, TokenizerConfig(kind=kind, vocab_size=700)), tmp_path / kind)
-    tok = load_tokenizer(tmp_path / kind)
+    tok = load_tokenizer(saved(kind))
     assert len(tok) == 700
     ids = tok("the function returns")["input_ids"]
     assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id and tok.mask_token == "[MASK]"
@@ -131,13 +143,12 @@ def test_wordpiece_symbols_missed_are_added_by_a_second_training(texts, monkeypa
 
 
 @pytest.mark.parametrize("kind", ["wordpiece", "bpe", "unigram"])
-def test_light_view_answers_like_the_transformers_tokenizer(texts, tmp_path, kind):
+def test_light_view_answers_like_the_transformers_tokenizer(saved, tmp_path, kind):
     """prepare's driver reads the tokenizer without transformers; every answer it uses
     must equal the transformers tokenizer's, and saving the view copies the same files."""
     from mlm.tokenizer import TokenizerView, load_view, word_start_table
 
-    save_tokenizer(train_tokenizer(texts, TokenizerConfig(kind=kind, vocab_size=700)), tmp_path / kind)
-    full, view = load_tokenizer(tmp_path / kind), load_view(tmp_path / kind)
+    full, view = load_tokenizer(saved(kind)), load_view(saved(kind))
     assert isinstance(view, TokenizerView)
     assert len(view) == len(full)
     for name in ("pad_token_id", "unk_token_id", "cls_token_id", "sep_token_id", "mask_token_id"):
@@ -179,14 +190,17 @@ def _ascii_fuzz(n: int, seed: int = 0) -> list[str]:
 
 
 @pytest.mark.parametrize("lowercase", [True, False])
-def test_document_encoder_gives_the_rust_tokenizers_ids(texts, tmp_path, lowercase):
+def test_document_encoder_gives_the_rust_tokenizers_ids(texts, saved, tmp_path, lowercase):
     """The chunk cache must be invisible: the same ids as encode_batch_fast for every
     character between words, on random ASCII, on real documents, and after the cache was
     emptied."""
     from mlm.tokenizer import DocumentEncoder
 
-    save_tokenizer(train_tokenizer(texts, TokenizerConfig(vocab_size=700, lowercase=lowercase)), tmp_path / "tok")
-    backend = _backend(tmp_path / "tok")
+    if lowercase:  # the default
+        backend = _backend(saved("wordpiece"))
+    else:
+        save_tokenizer(train_tokenizer(texts, TokenizerConfig(vocab_size=700, lowercase=False)), tmp_path / "tok")
+        backend = _backend(tmp_path / "tok")
     # every character of the BMP (and some beyond) between words: whitespace the
     # normalizer keeps, deletes or maps, accents that combine across a cut, CJK, ...
     codepoints = [c for c in range(0x10000) if not 0xD800 <= c < 0xE000] + list(range(0x1F600, 0x1F650))
@@ -205,11 +219,10 @@ def test_document_encoder_gives_the_rust_tokenizers_ids(texts, tmp_path, lowerca
 
 
 @pytest.mark.parametrize("kind", ["bpe", "unigram"])
-def test_document_encoder_leaves_other_tokenizers_to_rust(texts, tmp_path, kind):
+def test_document_encoder_leaves_other_tokenizers_to_rust(texts, saved, kind):
     from mlm.tokenizer import DocumentEncoder
 
-    save_tokenizer(train_tokenizer(texts, TokenizerConfig(kind=kind, vocab_size=700)), tmp_path / kind)
-    backend = _backend(tmp_path / kind)
+    backend = _backend(saved(kind))
     encode = DocumentEncoder(backend)
     assert not encode.fast
     docs = texts[:50] + _ascii_fuzz(200) + [" \u0301x \x85y\x0bz\u00a0w"]
@@ -217,14 +230,13 @@ def test_document_encoder_leaves_other_tokenizers_to_rust(texts, tmp_path, kind)
     assert not encode.rows
 
 
-def test_document_encoder_needs_special_tokens_read_as_text_and_no_other_added_tokens(texts, tmp_path):
+def test_document_encoder_needs_special_tokens_read_as_text_and_no_other_added_tokens(saved):
     from mlm.tokenizer import DocumentEncoder
 
-    save_tokenizer(train_tokenizer(texts, TokenizerConfig(vocab_size=700)), tmp_path / "tok")
-    backend = _backend(tmp_path / "tok")
+    backend = _backend(saved("wordpiece"))
     backend.encode_special_tokens = False  # "[SEP]" in the text would be the special token
     assert not DocumentEncoder(backend).fast
-    backend = _backend(tmp_path / "tok")
+    backend = _backend(saved("wordpiece"))
     backend.add_tokens(["foo"])  # an added token is cut out of the text before the normalizer
     encode = DocumentEncoder(backend)
     assert not encode.fast
