@@ -48,10 +48,11 @@ def test_bad_input_corpus_completes_and_counts_every_drop(ray_cluster, tmp_path)
     (src / "latin1.txt").write_bytes("caf\u00e9 na\u00efve r\u00e9sum\u00e9\n\n".encode("latin-1") * 5)
     (src / "more.txt.gz").write_bytes(gzip.compress("\n\n".join(docs[30:]).encode()))
     (src / "binary.txt").write_bytes(bytes(range(256)) * 40)
-    long_line = " ".join(docs * 1100)  # a 50 MB single line, tokenized in 1M-char chunks
+    long_line = " ".join(docs * 110)  # a 5 MB single line, tokenized in 100k-char chunks
     (src / "long_line.txt").write_text(long_line)
-    assert len(long_line) > 50_000_000
-    cfg = load_config("tiny", ["tokenizer.vocab_size=800", "data.validation_fraction=0.2", "data.rows_per_shard=50000"])
+    assert len(long_line) > 5_000_000
+    cfg = load_config("tiny", ["tokenizer.vocab_size=800", "data.validation_fraction=0.2", "data.rows_per_shard=50000",
+                               "data.max_chunk_chars=100000"])
     m = prepare([str(src)], tmp_path / "data", cfg).to_dict()
     assert verify(tmp_path / "data") == []
     assert [p.rsplit("/", 1)[1] for p in m["skipped_files"]["binary"]] == ["binary.txt"]
@@ -66,7 +67,8 @@ def test_bad_input_corpus_completes_and_counts_every_drop(ray_cluster, tmp_path)
 def _prepare(prose_file, tmp_path, name, *overrides):
     from mlm.prepare import prepare
 
-    cfg = load_config("tiny", ["tokenizer.vocab_size=1000", "data.validation_fraction=0.1", *overrides])
+    cfg = load_config("tiny", ["tokenizer.vocab_size=1000", "data.validation_fraction=0.1", "masking.mode=static",
+                               "masking.rate=0.15", *overrides])
     out = tmp_path / name
     prepare([str(prose_file)], out, cfg)
     manifest = read_manifest(out)
@@ -111,10 +113,12 @@ def test_strategies_and_duplication(ray_cluster, prose_file, tmp_path):
     assert (t_labels[original == the] >= 0).mean() > 0.95  # every occurrence of a term is selected
 
 
-def test_killed_prepare_leaves_no_dataset_and_rerun_matches(tmp_path, work):
+def test_killed_prepare_leaves_no_dataset_and_rerun_matches(ray_cluster, tmp_path, work):
     """SIGKILL `mlm prepare` once its first shard exists: the folder is not a dataset;
     a rerun gives exactly the shards (same sha256) of an uninterrupted run, which trains
-    its own tokenizer (tokenizer training is deterministic)."""
+    its own tokenizer (tokenizer training is deterministic). Only the killed run is an
+    `mlm prepare` process; the rerun and the clean run call prepare() with the same
+    config on the session's Ray (no second and third interpreter and Ray start-up)."""
     import os
     import signal
     import subprocess
@@ -129,11 +133,13 @@ def test_killed_prepare_leaves_no_dataset_and_rerun_matches(tmp_path, work):
     env.pop("RAY_ADDRESS", None)
 
     def run(out, kill_on_first_shard=False):
+        if not kill_on_first_shard:
+            from mlm.prepare import prepare
+
+            prepare([str(src)], out, load_config("tiny", args[1::2]))
+            return False
         proc = subprocess.Popen(["mlm", "prepare", str(src), "--out", str(out), *args], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        if not kill_on_first_shard:
-            assert proc.wait(timeout=600) == 0
-            return False
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None:
             if out.is_dir() and any(p.name.startswith("train-") for p in out.iterdir()):
