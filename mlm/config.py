@@ -182,6 +182,12 @@ class RegistryConfig(_Section):
         "top1_accuracy", description="Evaluation metric of the promotion gate (loss: lower is better)."
     )
     min_improvement: float = Field(0.0, ge=0.0, description="Margin by which a challenger must beat the champion.")
+    license: str = Field(
+        "unknown", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9.+-]*$",
+        description="License of the registered model, written into its model card (a Hugging Face license "
+        "identifier such as apache-2.0, cc-by-4.0 or other); it follows from the corpus's license, which mlm "
+        "cannot know, so the default is unknown.",
+    )
 
 
 class PathsConfig(_Section):

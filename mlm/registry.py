@@ -308,8 +308,8 @@ MODEL_README = "README.md"  # the model card in the model directory (the Hugging
 
 def hub_card(card: str, name: str, metrics: dict[str, Any], cfg: Config, tags: dict[str, str]):
     """The card as a huggingface_hub ModelCard: YAML metadata (library, task, tags, the
-    evaluation as model-index) above the markdown. The license is `unknown`: it follows
-    from the corpus, which mlm cannot know."""
+    evaluation as model-index) above the markdown. The license is `registry.license`
+    (default `unknown`: it follows from the corpus, which mlm cannot know)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     dataset_name = f"mlm validation split {tags['data_fingerprint']}"
@@ -318,7 +318,7 @@ def hub_card(card: str, name: str, metrics: dict[str, Any], cfg: Config, tags: d
                for key, kind, label in (("top1_accuracy", "accuracy", "masked top-1 accuracy"),
                                         ("top5_accuracy", "accuracy", "masked top-5 accuracy"),
                                         ("perplexity", "perplexity", "perplexity")) if key in metrics]
-    data = ModelCardData(license="unknown", library_name="transformers", pipeline_tag="fill-mask", model_name=name,
+    data = ModelCardData(license=cfg.registry.license, library_name="transformers", pipeline_tag="fill-mask", model_name=name,
                          tags=["mlm", "masked-lm", cfg.model.architecture], eval_results=results or None)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{card}")
 
