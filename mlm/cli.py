@@ -6,6 +6,7 @@ line on stderr and exit 2; set MLM_DEBUG=1 for the traceback.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -320,30 +321,39 @@ def bench() -> None:
 @bench.command("train")
 @click.option("--data", "data_dir", default=None, help="Dataset folder (default: the built-in corpus, prepared once).")
 @click.option("--steps", default=30, show_default=True, type=click.IntRange(1))
-@click.option("--warmup", default=5, show_default=True, type=click.IntRange(0))
+@click.option("--warmup", default=5, show_default=True, type=click.IntRange(0), help="Untimed first steps (compilation included).")
+@click.option("--peers", default="hf,hf_compiled", show_default=True,
+              help="Comma-separated references: hf (the HF Trainer's defaults), hf_compiled (torch_compile=True); '' for none.")
 @PRESET
 @SET
-def bench_train(data_dir, steps, warmup, preset, overrides) -> None:
-    """Training tokens/s (and MFU on GPUs) next to the Hugging Face Trainer, same model,
-    batch, precision and data."""
-    from mlm.bench.train import bench_train as run
+def bench_train(data_dir, steps, warmup, peers, preset, overrides) -> None:
+    """Training tokens/s (and MFU on GPUs) next to the Hugging Face Trainer, default and
+    compiled, same model, batch, precision and data. The table goes to stderr, the JSON
+    document to stdout."""
+    from mlm.bench.train import PEERS, bench_train as run
     from mlm.corpus import DEFAULT_CORPUS
     from mlm.pipeline import data_key
     from mlm.runtime import work_dir
 
+    chosen = tuple(p.strip() for p in peers.split(",") if p.strip())
+    unknown = sorted(set(chosen) - set(PEERS))
+    if unknown:
+        raise click.BadParameter(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(PEERS)}", param_hint="--peers")
     cfg = load_config(preset, overrides)
     if data_dir is None:
         from mlm.prepare import prepare
 
         data_dir = work_dir() / "data" / data_key([DEFAULT_CORPUS], cfg)
         prepare([DEFAULT_CORPUS], data_dir, cfg, overwrite=True)
-    r = run(cfg, data_dir, steps, warmup)
-    click.echo(f"mlm bench train: preset {preset}, {r['device']}, {r['precision']}, batch {r['batch']}, "
-               f"{r['timed_steps']} timed steps after {warmup} warm-up")
-    for who, key in (("mlm", "mlm"), ("HF Trainer", "hf_trainer")):
-        mfu = f"  MFU {r[key + '_mfu']:.1%}" if key + "_mfu" in r else ""
-        click.echo(f"  {who:<11} {r[key + '_tokens_per_s']:>12,.0f} tokens/s{mfu}")
-    click.echo(f"  speedup     {r['speedup']:>12.2f}x")
+    r = run(cfg, data_dir, steps, warmup, chosen)
+    say = functools.partial(click.echo, err=True)
+    say(f"mlm bench train: preset {preset}, {r['device']}, {r['precision']}, batch {r['batch']}, "
+        f"{r['timed_steps']} timed steps after {warmup} warm-up; mlm compiled: {r['mlm_compiled']}, SDPA {r['sdpa']}")
+    for who, key in (("mlm", "mlm"), ("HF Trainer", "hf_trainer"), ("HF compiled", "hf_trainer_compiled")):
+        if key + "_tokens_per_s" in r:
+            mfu = f"  MFU {r[key + '_mfu']:.1%}" if key + "_mfu" in r else ""
+            ratio = r["mlm_tokens_per_s"] / r[key + "_tokens_per_s"]
+            say(f"  {who:<11} {r[key + '_tokens_per_s']:>12,.0f} tokens/s{mfu}  (mlm: {ratio:.2f}x)")
     _echo_json(r)
 
 

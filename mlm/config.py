@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -121,7 +121,14 @@ class TrainConfig(_Section):
     cpus_per_worker: Optional[float] = Field(
         None, gt=0, description="CPUs reserved per worker; default: 1, or an equal share when workers outnumber CPUs."
     )
-    micro_batch_size: int = Field(32, ge=1, description="Sequences per worker per forward pass.")
+    micro_batch_size: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = Field(
+        32, description="Sequences per worker per forward pass; auto: the largest power of two dividing the worker's "
+        "share of global_batch_size whose step fits the device's memory (a probe at start; see memory_limit_gb)."
+    )
+    memory_limit_gb: Optional[float] = Field(
+        None, gt=0, description="micro_batch_size=auto: memory a step may use (GiB); default 90% of the GPU's, "
+        "on a CPU what the process holds plus half the free RAM."
+    )
     global_batch_size: int = Field(
         64, ge=1, description="Sequences per optimizer step over all workers; sets gradient accumulation."
     )
@@ -146,7 +153,20 @@ class TrainConfig(_Section):
     early_stopping_patience: int = Field(
         0, ge=0, description="Stop after this many validations without a lower validation loss; 0: never."
     )
-    compile: bool = Field(False, description="torch.compile the model and loss.")
+    compile: Union[bool, Literal["auto"]] = Field(
+        "auto", description="torch.compile the model and loss (one graph: fixed prediction slots); auto: on GPUs, "
+        "off on CPUs (where compiling costs more than it saves on a short run)."
+    )
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"] = Field(
+        "default", description="torch.compile mode; reduce-overhead and max-autotune add CUDA graphs."
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="torch.distributed backend; auto: NCCL with use_gpu, gloo on CPUs. gloo on GPUs lets "
+        "several workers share one GPU (gpus_per_worker < 1), which NCCL refuses."
+    )
+    gpus_per_worker: float = Field(
+        1.0, gt=0, le=8, description="GPUs reserved per worker with use_gpu; a fraction shares a GPU (backend gloo)."
+    )
     grad_clip: float = Field(1.0, ge=0.0, description="Max global gradient norm; 0 disables clipping.")
     log_every: int = Field(10, ge=1, description="Steps between metric logs.")
     checkpoint_every: int = Field(200, ge=1, description="Steps between checkpoints (one is always written at the end).")
@@ -156,6 +176,14 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _batches(self) -> "TrainConfig":
+        if self.gpus_per_worker < 1 and self.backend == "nccl":
+            raise ValueError("train.gpus_per_worker < 1 shares a GPU between workers, which NCCL refuses; "
+                             "use train.backend=gloo")
+        if self.micro_batch_size == "auto":
+            if self.global_batch_size % self.num_workers:
+                raise ValueError(f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                                 f"train.num_workers ({self.num_workers})")
+            return self
         per_step = self.micro_batch_size * self.num_workers
         if self.global_batch_size % per_step:
             raise ValueError(
@@ -285,7 +313,8 @@ def _check_keys(tree: dict[str, Any]) -> None:
 
 def _one_line(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    # section.key; a union adds its member's tag after it ("constrained-int", "bool"): not a key
+    loc = ".".join(str(p) for p in first["loc"][:2])
     msg = first["msg"].removeprefix("Value error, ")
     value = first.get("input")
     shown = f" (got {value!r})" if loc and not isinstance(value, dict) else ""

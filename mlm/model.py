@@ -75,7 +75,8 @@ def count_parameters(model) -> int:
 
 def masked_lm_objective(model):
     """Wrap a masked-LM model so its forward returns `mlm.compute.masked_lm_loss` (the
-    prediction head computed only at masked positions): what DDP wraps in training."""
+    prediction head computed only at the batch's fixed prediction slots): what
+    torch.compile and DDP wrap in training (`mlm.step.objective`)."""
     import torch
 
     class MaskedLMObjective(torch.nn.Module):
@@ -83,7 +84,7 @@ def masked_lm_objective(model):
             super().__init__()
             self.mlm = mlm
 
-        def forward(self, input_ids, attention_mask, labels):
-            return masked_lm_loss(self.mlm, input_ids, attention_mask, labels)
+        def forward(self, input_ids, attention_mask, positions, targets):
+            return masked_lm_loss(self.mlm, input_ids, attention_mask, positions, targets)
 
     return MaskedLMObjective(model)

@@ -1,7 +1,8 @@
 """The per-worker training loop and the TorchTrainer launch.
 
-Read `train_loop_per_worker` top to bottom: build or resume the model -> wrap it for
-DDP -> stream the worker's micro-batches -> `train_step` (gradient accumulation,
+Read `train_loop_per_worker` top to bottom: build or resume the model -> choose the
+micro-batch (`train.micro_batch_size: auto`) -> compile the objective and wrap it for DDP
+-> stream the worker's micro-batches -> `mlm.step.train_step` (gradient accumulation,
 clipping, AdamW; what `mlm bench train` times too) -> log, validate, checkpoint.
 Rank-0-only side effects (MLflow metrics and system metrics, the progress the driver
 draws, checkpoint files) are marked with `is_rank0`; `train` launches the workers.
@@ -19,108 +20,29 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 from mlm import shards, storage
-from mlm.compute import batch_to_tensors, device_peak_flops, flops_per_token, mfu, score
+from mlm.compute import HostToDevice, batch_to_tensors, device_peak_flops, mfu, model_flops, prediction_slots, score
 from mlm.config import Config, config_from_dict
+from mlm.step import StepResult, autocast_for, build_optimizer, dropout_seed, get_lr, objective, train_step
 
 CHECKPOINT_MODEL = "model"
 CHECKPOINT_STATE = "train_state.pt"
 
 
-def get_lr(step: int, cfg) -> float:
-    """Linear warmup to the peak, then `cfg.schedule`: linear or cosine decay to zero at
-    max_steps, or warmup-stable-decay (flat, then linear to zero over the last
-    `cfg.decay_fraction` of the steps)."""
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    if cfg.schedule == "cosine":
-        return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if cfg.schedule == "wsd":
-        decay_start = 1.0 - cfg.decay_fraction
-        return cfg.learning_rate * (1.0 if progress < decay_start else (1.0 - progress) / max(cfg.decay_fraction, 1e-9))
-    return cfg.learning_rate * (1.0 - progress)
-
-
-def _param_groups(model, weight_decay: float):
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model, tc, device):
-    """AdamW with the config's betas and epsilon (default as BERT/RoBERTa pretraining:
-    (0.9, 0.98), 1e-6), no weight decay on biases and LayerNorms; the fused kernel on GPU."""
-    import torch
-
-    return torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.learning_rate,
-                             betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon,
-                             fused=getattr(device, "type", device) == "cuda")
-
-
-class StepResult(NamedTuple):
-    losses: list[float]  # per micro-batch
-    tokens: int
-    grad_norm: Any  # a 0-d tensor: read it only when it is logged (reading waits for the GPU)
-
-
-def train_step(model, optimizer, micro_batches: list[dict[str, Any]], *, lr: float, grad_clip: float, autocast,
-               dropout_seed: Callable[[int], int] | None = None) -> StepResult:
-    """One optimizer step: forward/backward over the step's micro-batches (gradient
-    accumulation; under DDP gradients are all-reduced only on the last one), the learning
-    rate set to `lr`, the global gradient norm clipped to `grad_clip` (0: not clipped,
-    the norm is still measured), AdamW's update. The training loop and `mlm bench train`
-    both run exactly this. `dropout_seed(i)`: the seed set before micro-batch i."""
-    import torch
-
-    losses, tokens, n = [], 0, len(micro_batches)
-    for i, inputs in enumerate(micro_batches):
-        if dropout_seed is not None:
-            torch.manual_seed(dropout_seed(i))
-        last = i == n - 1
-        with (model.no_sync() if (not last and hasattr(model, "no_sync")) else contextlib.nullcontext()):
-            with autocast:  # bf16 matmuls on GPU; the loss itself is computed in float32
-                loss = model(inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
-            (loss / n).backward()
-        losses.append(float(loss.detach()))
-        tokens += inputs["tokens"]
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(losses, tokens, grad_norm)
-
-
-def dropout_seed(seed: int, step: int, rank: int, micro: int) -> int:
-    """Dropout draws from (seed, step, micro-batch, rank): no RNG state to checkpoint, and
-    a resumed run draws exactly what an uninterrupted one would have."""
-    return hash((seed, step, micro, rank)) & 0x7FFFFFFF
-
-
-def autocast_for(device):
-    """bf16 autocast on GPU, nothing on CPU (float32)."""
-    import torch
-
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def _save_checkpoint(dir_: Path, model, optimizer, step: int, epoch: int, micro_batches: int) -> None:
+def _save_checkpoint(dir_: Path, model, optimizer, step: int, epoch: int, micro_batches: int, micro_batch_size: int) -> None:
     """Weights (safetensors) + optimizer state + position. The learning rate is a
     function of the step, dropout draws are seeded per step, and the data position is
-    `micro_batches` per worker: nothing else is needed to continue exactly. Ray Train
+    `micro_batches` of `micro_batch_size` per worker: nothing else is needed to continue
+    exactly (a resumed `auto` micro-batch keeps the size it chose). Ray Train
     moves the folder into storage only once it is complete, so a checkpoint cut off
     while writing is never reported, hence never loaded."""
     import torch
 
     model.save_pretrained(str(dir_ / CHECKPOINT_MODEL))  # safetensors (the only format in transformers 5)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "micro_batches": micro_batches},
-               dir_ / CHECKPOINT_STATE)
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "micro_batches": micro_batches,
+                "micro_batch_size": micro_batch_size}, dir_ / CHECKPOINT_STATE)
 
 
 def validate(model, loop_config: dict[str, Any], device, autocast) -> dict[str, float]:
@@ -132,18 +54,26 @@ def validate(model, loop_config: dict[str, Any], device, autocast) -> dict[str, 
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_top1_accuracy": c["top1"] / max(1, c["n"])}
 
 
-def _agree(flag: bool, world_size: int) -> bool:
-    """Rank 0's decision, on every rank."""
+def _collective(value: int, world_size: int, op: str) -> int:
+    """`broadcast` rank 0's value, or the `min` over ranks, on every rank."""
     import torch
     import torch.distributed as dist
 
     if world_size == 1 or not dist.is_initialized():
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
     if dist.get_backend() == "nccl":
         t = t.cuda()
-    dist.broadcast(t, src=0)
-    return bool(t.item())
+    if op == "broadcast":
+        dist.broadcast(t, src=0)
+    else:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def _agree(flag: bool, world_size: int) -> bool:
+    """Rank 0's decision, on every rank."""
+    return bool(_collective(1 if flag else 0, world_size, "broadcast"))
 
 
 # ---------------------------------------------------------------- the worker's loop
@@ -158,6 +88,7 @@ class _Worker:
     rank: int
     world_size: int
     device: Any
+    micro_batch: int = 0  # train.micro_batch_size, or what `auto` chose (`_micro_batch`)
 
     @property
     def is_rank0(self) -> bool:
@@ -165,8 +96,15 @@ class _Worker:
 
     @property
     def accumulation(self) -> int:
-        tc = self.cfg.train
-        return tc.global_batch_size // (tc.micro_batch_size * self.world_size)
+        return self.cfg.train.global_batch_size // (self.micro_batch * self.world_size)
+
+    @property
+    def slots(self) -> int:
+        """Prediction slots of one micro-batch: a fixed number when the step is compiled
+        (`compute.prediction_slots`: one graph), else 0, the batch's own masked count."""
+        if not _compiled(self):
+            return 0
+        return prediction_slots(self.micro_batch, self.loop_config["seq_len"], self.loop_config["slot_rate"])
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -180,13 +118,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     w = _Worker(loop_config, config_from_dict(loop_config["config"]), ctx.get_world_rank(), ctx.get_world_size(),
                 ray.train.torch.get_device())
     torch.manual_seed(w.cfg.train.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
-    raw_model, start_step, opt_state = _model_and_position(w)
-    model = _distributed_objective(raw_model, w.cfg.train)
+    raw_model, start_step, state = _model_and_position(w)
+    raw_model.to(w.device)
+    w.micro_batch = _micro_batch(w, raw_model, state)
+    model = _distributed_objective(raw_model, w.cfg.train, w.device)
     optimizer = build_optimizer(raw_model, w.cfg.train, w.device)
-    if opt_state:
-        optimizer.load_state_dict(opt_state)
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
     stream = _input_stream(w, start_step * w.accumulation)
-    log = _StepLog(w, stream, flops_per_token(raw_model, loop_config["seq_len"]), device_peak_flops(w.device))
+    log = _StepLog(w, stream, model_flops(raw_model, loop_config["seq_len"]), device_peak_flops(w.device))
     try:
         _run_steps(w, raw_model, model, optimizer, stream, log, start_step)
     finally:
@@ -195,8 +135,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def _model_and_position(w: _Worker):
-    """(model, step to start from, optimizer state): the last checkpoint's when Ray Train
-    restarts the run after a failure, else a new model (or the warm start's)."""
+    """(model, step to start from, the checkpoint's train state or None): the last
+    checkpoint's when Ray Train restarts the run after a failure, else a new model (or
+    the warm start's)."""
     import ray.train
     import torch
     from transformers import AutoModelForMaskedLM
@@ -208,23 +149,38 @@ def _model_and_position(w: _Worker):
         with checkpoint.as_directory() as d:
             model = AutoModelForMaskedLM.from_pretrained(os.path.join(d, CHECKPOINT_MODEL))
             state = torch.load(os.path.join(d, CHECKPOINT_STATE), weights_only=True, map_location="cpu")
-        return model, state["step"], state["optimizer"]
+        return model, state["step"], state
     c = w.loop_config
     return build_model(w.cfg.model, c["vocab_size"], c["pad_token_id"], c["cls_token_id"], c["sep_token_id"]), 0, None
 
 
-def _distributed_objective(raw_model, tc):
-    """The masked-LM objective (encoder + sparse head), compiled if asked, wrapped by
-    Ray Train for DDP (gloo on CPU, NCCL on GPU) so gradients sync through it."""
+def _micro_batch(w: _Worker, raw_model, state) -> int:
+    """The micro-batch of this run: the configured size, the checkpoint's (a resumed run
+    reads on exactly where it stopped), or `auto`'s choice (`mlm.step.fit_micro_batch`;
+    the smallest of the ranks' when they differ), reported to the driver's progress line."""
+    tc = w.cfg.train
+    if state and state.get("micro_batch_size"):
+        return int(state["micro_batch_size"])
+    if tc.micro_batch_size != "auto":
+        return int(tc.micro_batch_size)
+    from mlm.step import fit_micro_batch
+
+    fit = fit_micro_batch(raw_model, w.device, w.loop_config["seq_len"], w.loop_config["slot_rate"],
+                          tc.global_batch_size // w.world_size, limit_gb=tc.memory_limit_gb)
+    size = _collective(fit.size, w.world_size, "min")
+    sink = w.loop_config.get("progress") if w.is_rank0 else None
+    if sink is not None:
+        sink.put.remote({"step": 0, "info": f"micro-batch auto: {size} (tried {fit.tried})"})
+    return size
+
+
+def _distributed_objective(raw_model, tc, device):
+    """The masked-LM objective (encoder + sparse head on fixed slots), compiled when
+    `train.compile` says so (auto: on GPUs) before Ray Train wraps it for DDP (gloo on
+    CPU, NCCL on GPU, or `train.backend`) so gradients sync through it."""
     import ray.train.torch
-    import torch
 
-    from mlm.model import masked_lm_objective
-
-    objective = masked_lm_objective(raw_model)
-    if tc.compile:  # fused kernels; the first steps pay for compilation
-        objective = torch.compile(objective)
-    return ray.train.torch.prepare_model(objective)
+    return ray.train.torch.prepare_model(objective(raw_model, tc, device))
 
 
 def _input_stream(w: _Worker, first: int):
@@ -237,23 +193,25 @@ def _input_stream(w: _Worker, first: int):
     masker = Masker(spec) if spec else None
     groups = [RowGroup(**g) for g in w.loop_config["row_groups"]]
     shuffle = w.loop_config.get("packing", "pack") == "pack"  # length-binned (padded) data keeps its bins
-    per_epoch = EpochPlan(groups, tc.seed, 0, tc.micro_batch_size, w.world_size, shuffle,
+    per_epoch = EpochPlan(groups, tc.seed, 0, w.micro_batch, w.world_size, shuffle,
                           tc.shuffle_window).micro_batches_per_worker
     if per_epoch == 0:
-        raise RuntimeError("the training split is smaller than train.micro_batch_size x train.num_workers")
+        raise RuntimeError(f"the training split is smaller than the micro-batch ({w.micro_batch}) x train.num_workers")
+    copy, slots = HostToDevice(w.device), w.slots  # pinned, non-blocking, on a side stream on GPUs
 
     def micro_batches():
         # the position alone decides what comes next
         epoch, offset = divmod(first, per_epoch)
         while True:
-            plan = EpochPlan(groups, tc.seed, epoch, tc.micro_batch_size, w.world_size, shuffle, tc.shuffle_window)
+            plan = EpochPlan(groups, tc.seed, epoch, w.micro_batch, w.world_size, shuffle, tc.shuffle_window)
             for table in worker_batches(plan, w.rank, offset):
                 yield epoch, table
             epoch, offset = epoch + 1, 0
 
     def to_inputs(item):
         epoch, table = item
-        return epoch, batch_to_tensors(table, w.device, masker, masker.spec["seed"] if masker else 0, epoch)
+        return epoch, batch_to_tensors(table, w.device, masker, masker.spec["seed"] if masker else 0, epoch,
+                                       slots=slots, copy=copy)
 
     return Prefetcher(micro_batches(), to_inputs, depth=tc.prefetch_batches)
 
@@ -296,7 +254,7 @@ def _run_steps(w: _Worker, raw_model, model, optimizer, stream, log: "_StepLog",
             stop = _validate_on_rank0(w, raw_model, log, stopper, step, autocast_for(w.device))
             model.train()
         if step % tc.checkpoint_every == 0 or step == tc.max_steps or stop:
-            _report(w, raw_model, optimizer, step, epoch, result.losses[-1], stop)
+            _report(w, raw_model, optimizer, step, epoch, float(result.losses[-1]), stop)
         if stop:
             break
 
@@ -308,23 +266,24 @@ def train_in_process(loop_config: dict[str, Any], device="cpu"):
     Returns (model, tokens trained on)."""
     import torch
 
-    from mlm.model import build_model, masked_lm_objective
+    from mlm.model import build_model
+    from mlm.progress import Progress
 
     cfg = config_from_dict(loop_config["config"])
     w = _Worker(loop_config, cfg, 0, 1, torch.device(device))
     torch.manual_seed(cfg.train.seed)
     c = loop_config
     raw_model = build_model(cfg.model, c["vocab_size"], c["pad_token_id"], c["cls_token_id"], c["sep_token_id"]).to(w.device)
-    objective = masked_lm_objective(raw_model)
+    w.micro_batch = _micro_batch(w, raw_model, None)
+    net = objective(raw_model, cfg.train, w.device)
     optimizer = build_optimizer(raw_model, cfg.train, w.device)
-    from mlm.progress import Progress
-
     stream, tokens = _input_stream(w, 0), 0
     try:
         with Progress("train", total=cfg.train.max_steps, unit="steps") as line:
-            for _step, _epoch, _lr, result in _training_steps(w, objective, optimizer, stream, 0):
+            for step, _epoch, _lr, result in _training_steps(w, net, optimizer, stream, 0):
                 tokens += result.tokens
-                line.update(1, f"loss {sum(result.losses) / len(result.losses):.3f}")
+                info = f"loss {float(result.losses.mean()):.3f}" if step % cfg.train.log_every == 0 else None
+                line.update(1, info)
     finally:
         stream.close()
     return raw_model, tokens
@@ -360,25 +319,34 @@ def _report(w: _Worker, raw_model, optimizer, step: int, epoch: int, loss: float
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if w.is_rank0:
-            _save_checkpoint(Path(tmp), raw_model, optimizer, step, epoch, step * w.accumulation)
+            _save_checkpoint(Path(tmp), raw_model, optimizer, step, epoch, step * w.accumulation, w.micro_batch)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({"step": step, "train_loss": loss, "epoch": epoch, "early_stopped": stop}, checkpoint=ckpt)
 
 
 class _StepLog:
     """The training metrics of a window of `log_every` steps (loss, learning rate, grad
-    norm, tokens/s, data-wait share, MFU), and rank 0's sinks: the MLflow run (with the
-    node's system metrics), a JSON-lines file in the run folder when this node can write
-    there, and the progress line on stderr."""
+    norm, tokens/s, data-wait share, MFU, dropped predictions), and rank 0's sinks: the
+    MLflow run (with the node's system metrics), a JSON-lines file in the run folder when
+    this node can write there, and the progress line on stderr. Losses are summed on the
+    device and read only when a window is logged. The first step of a worker (compiling,
+    warming up) is timed on its own (`first_step_seconds`) and left out of tokens/s."""
 
-    def __init__(self, w: _Worker, stream, flops: float | None, peak: float | None):
+    def __init__(self, w: _Worker, stream, flops, peak: float | None):
         self.w, self.stream, self.flops, self.peak = w, stream, flops, peak
+        self.started_at, self.first_step_s = time.time(), None
         self._reset()
         self.client = self._start_mlflow() if w.is_rank0 and w.loop_config.get("mlflow_run_id") else None
         self.sink = w.loop_config.get("progress") if w.is_rank0 else None  # the driver's progress line
+        if self.sink is not None and _compiled(w):
+            self.sink.put.remote({"step": 0, "info": "compiling the training step (torch.compile)"})
 
     def _reset(self) -> None:
-        self.tokens, self.started, self.loss_sum, self.loss_count = 0, time.time(), 0.0, 0
+        self.loss_sum, self.loss_count, self.dropped = 0.0, 0, 0
+        self._restart_clock()
+
+    def _restart_clock(self) -> None:
+        self.tokens, self.predictions, self.started = 0, 0, time.time()
         self.wait_mark = self.stream.wait_s
 
     def _start_mlflow(self):
@@ -400,23 +368,35 @@ class _StepLog:
             mlflow.end_run()  # stops the system-metrics thread; the driver ends the run again, as finished
 
     def add(self, result: StepResult) -> None:
-        self.loss_sum += sum(result.losses)
+        self.loss_sum = result.losses.sum() + self.loss_sum  # on the device: no wait here
         self.loss_count += len(result.losses)
         self.tokens += result.tokens
+        self.predictions += result.predictions
+        self.dropped += result.dropped
+        if self.first_step_s is None:
+            float(result.losses[-1])  # waits for the first step: its time is compile + warm-up
+            self.first_step_s = time.time() - self.started_at
+            if self.sink is not None and _compiled(self.w):
+                self.sink.put.remote({"step": 1, "info": f"compiled in {self.first_step_s:.0f} s"})
+            if self.w.cfg.train.log_every > 1:
+                self._restart_clock()
 
     def emit(self, step: int, lr: float, grad_norm, epoch: int) -> None:
         world = self.w.world_size
-        elapsed = time.time() - self.started
-        tokens_per_s = self.tokens * world / max(elapsed, 1e-9)  # equal batches on every rank
+        elapsed = max(time.time() - self.started, 1e-9)
+        tokens_per_s = self.tokens * world / elapsed  # equal batches on every rank
         metrics = {
-            "train_loss": self.loss_sum / max(1, self.loss_count),
+            "train_loss": float(self.loss_sum) / max(1, self.loss_count),
             "learning_rate": lr,
             "grad_norm": float(grad_norm),
             "tokens_per_s": tokens_per_s,
-            "data_wait_fraction": (self.stream.wait_s - self.wait_mark) / max(elapsed, 1e-9),
+            "data_wait_fraction": (self.stream.wait_s - self.wait_mark) / elapsed,
             "epoch": epoch,
+            "dropped_predictions": self.dropped,
+            "micro_batch_size": self.w.micro_batch,
+            "first_step_seconds": self.first_step_s,
         }
-        utilization = mfu(tokens_per_s / world, self.flops, self.peak)
+        utilization = mfu(self.flops.of(self.tokens, self.predictions) / elapsed, self.peak)
         if utilization is not None:
             metrics["mfu"] = utilization
         if self.w.is_rank0:
@@ -437,6 +417,12 @@ class _StepLog:
         if path and os.path.isdir(os.path.dirname(path)):
             with open(path, "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def _compiled(w: _Worker) -> bool:
+    from mlm.step import compile_enabled
+
+    return compile_enabled(w.cfg.train, w.device)
 
 
 def _log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -467,6 +453,20 @@ def cpus_per_worker(cfg: Config) -> float:
         return 1.0
     total = float(ray.cluster_resources().get("CPU", 1))
     return max(0.1, min(1.0, total / cfg.train.num_workers))
+
+
+def backend(tc) -> str:
+    """`train.backend`, auto: NCCL with GPUs, gloo on CPUs."""
+    if tc.backend != "auto":
+        return tc.backend
+    return "nccl" if tc.use_gpu else "gloo"
+
+
+def slot_rate(masking: dict[str, Any]) -> float:
+    """The masked share the prediction slots are sized for: the training masking rate
+    (terms masking may go past it on rows dense in terms: twice the rate)."""
+    rate = float(masking.get("rate", 0.15))
+    return min(1.0, 2 * rate) if masking.get("strategy") == "terms" else rate
 
 
 def train(
@@ -520,9 +520,9 @@ def _trainer(loop_config: dict[str, Any], out_dir: str, cfg: Config):
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker(cfg)},
+            resources_per_worker={"CPU": cpus_per_worker(cfg)} | ({"GPU": cfg.train.gpus_per_worker} if cfg.train.use_gpu else {}),
         ),
-        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=backend(cfg.train)),
         run_config=RunConfig(
             storage_path=storage.join(out_dir, "ray"),
             name="train",
@@ -635,6 +635,7 @@ def _loop_config(data_dir: str, out_dir: str, manifest, tokenizer, cfg: Config, 
         "tracking_uri": tracking_uri(),
         "packing": manifest.packing,
         "dynamic_masking": dynamic_masker_spec(manifest, tokenizer),
+        "slot_rate": slot_rate(manifest.masking["train"]),
     }
 
 

@@ -8,17 +8,20 @@ figure, each step in its own process with its own timeout, the whole under 8 min
 
 The steps (`plan`), in order of what matters most:
 
-* ``dataset``: the base preset's dataset of the built-in corpus (``mlm prepare``), or
-  ``mlm data stats`` of the one staged with it;
-* ``train_throughput``: ``mlm bench train --preset base`` (bf16 BERT-base, seq 128, batch
-  128): our training step next to the Hugging Face Trainer, tokens/s and MFU;
+* ``dataset``, ``dataset_seq512``: the base preset's datasets of the built-in corpus at
+  seq 128 and 512 (``mlm prepare``), or ``mlm data stats`` of the ones staged with it;
+* ``train_throughput``: ``mlm bench train --preset base`` with its defaults (bf16
+  BERT-base, seq 128, micro-batch auto, compiled): our training step next to the Hugging
+  Face Trainer, default and ``torch_compile=True``, tokens/s and MFU (one FLOP definition
+  for all), the SDPA kernels that ran, the compile time;
+* ``train_throughput_seq512``: the same at seq 512;
 * ``ddp_nccl_2workers``: ``mlm.train.train`` over Ray Train with 2 workers on NCCL, a
-  few steps. NCCL refuses two ranks on one GPU ("Duplicate GPU detected";
-  ray-project/ray#48012 for Ray Train's fractional GPUs) and ``train.py`` asks a whole GPU
-  per worker, so on a one-GPU machine this line says ``skipped`` and why, and two steps
-  stand in: ``nccl_same_gpu_probe`` (two NCCL ranks on cuda:0, one all_reduce: whether
-  this NCCL still refuses) and ``ddp_nccl_1worker`` (the same run with one worker: NCCL
-  process group, GPU placement, bf16 loop, checkpoint, model export);
+  few steps, then resumed to more steps. NCCL refuses two ranks on one GPU ("Duplicate
+  GPU detected"; ray-project/ray#48012), so on a one-GPU machine
+  ``ddp_gloo_2workers_1gpu`` stands in: the same two workers sharing the GPU
+  (``train.gpus_per_worker=0.5``, ``train.backend=gloo``): data sharding, accumulation,
+  the all-reduce, checkpoints and resume on the GPU path; and ``ddp_nccl_1worker``: one
+  worker on NCCL (process group, GPU placement, bf16 loop, checkpoint, model export);
 * ``prepare_throughput``: ``mlm bench data --size-mb 100`` on all cores (the README's
   2-core "repeated" corpus, for a like-for-like row).
 
@@ -54,14 +57,16 @@ MODULE = "mlm.bench.gpu"  # its steps run it as `python -m` (where __name__ is "
 PRESET = "base"
 CORPUS = "builtin:python-docs"
 DATASET = "data-base"  # the dataset's folder name, staged (.gpu/data-base) or prepared (WORK/data-base)
-BUDGET_S = 470  # the whole check, install included: under 8 minutes
+LONG = "data.seq_len=512"  # the seq-512 dataset (DATASET + "-512") and its throughput row
+BUDGET_S = 520  # the whole check, install included: run it with a device timeout of 570 s
 RESERVE_S = 10  # kept for the logs' archive after the last step
 MIN_STEP_S = 20  # a step with less time left is skipped, not started
 DATA_MB = 100
-DDP_OVERRIDES = ("train.use_gpu=true", "train.max_steps=20", "train.micro_batch_size=64", "train.warmup_steps=2",
-                 "train.checkpoint_every=20", "train.log_every=5")
-ONE_GPU = ("one GPU: NCCL refuses two ranks on one device ('Duplicate GPU detected', ray-project/ray#48012) and "
-           "train.py reserves a whole GPU per worker; nccl_same_gpu_probe and ddp_nccl_1worker stand in")
+DDP_OVERRIDES = ("train.use_gpu=true", "train.max_steps=10", "train.micro_batch_size=64", "train.warmup_steps=2",
+                 "train.checkpoint_every=10", "train.log_every=5")
+RESUME_STEPS = 20  # the DDP runs are rerun to this many steps: resumed from step 10's checkpoint
+ONE_GPU = ("one GPU: NCCL refuses two ranks on one device ('Duplicate GPU detected', ray-project/ray#48012); "
+           "ddp_gloo_2workers_1gpu (two workers sharing the GPU over gloo) and ddp_nccl_1worker stand in")
 
 # `stage`: the lent machine (Python 3.12, no network) is sent what its image lacks.
 DEVICE_PYTHON = "3.12"
@@ -108,29 +113,40 @@ class Step:
 
 
 def plan(work: Path, gpus: int, data_dir: str | None = None) -> list[Step]:
-    """The checks for a machine with `gpus` GPUs; `data_dir`: a staged dataset (else prepared)."""
+    """The checks for a machine with `gpus` GPUs; `data_dir`: a staged dataset (else
+    prepared), its seq-512 twin beside it (`data_dir`-512)."""
     data = data_dir or str(work / DATASET)
-    if data_dir:
-        dataset = Step("dataset", ("mlm.cli", "data", "stats", data), 60, "dataset", note="staged by gpu_check.sh --stage")
-    else:
-        dataset = Step("dataset", ("mlm.cli", "prepare", CORPUS, "--out", data, "--overwrite"), 180, "dataset", PRESET)
-    throughput = Step("train_throughput", ("mlm.cli", "bench", "train", "--data", data, "--steps", "30", "--warmup", "5"),
-                      240, "bench_train", PRESET, ("train.use_gpu=true",), needs=("dataset",))
+    long = data + "-512"
+
+    def dataset(check: str, path: str, extra: tuple[str, ...] = ()) -> Step:
+        if data_dir:
+            return Step(check, ("mlm.cli", "data", "stats", path), 60, "dataset", note="staged by gpu_check.sh --stage")
+        return Step(check, ("mlm.cli", "prepare", CORPUS, "--out", path, "--overwrite"), 150, "dataset", PRESET, extra)
+
+    def throughput(check: str, path: str, needs: str, steps: int, extra: tuple[str, ...] = ()) -> Step:
+        args = ("mlm.cli", "bench", "train", "--data", path, "--steps", str(steps), "--warmup", "5")
+        return Step(check, args, 200, "bench_train", PRESET, ("train.use_gpu=true", *extra), needs=(needs,))
+
     bench_data = Step("prepare_throughput", ("mlm.cli", "bench", "data", "--size-mb", str(DATA_MB),
                                              "--work", str(work / "bench-data")), 240, "bench_data")
-    return [dataset, throughput, *_ddp_steps(data, work, gpus), bench_data]
+    return [dataset("dataset", data), dataset("dataset_seq512", long, (LONG,)),
+            throughput("train_throughput", data, "dataset", 30),
+            throughput("train_throughput_seq512", long, "dataset_seq512", 20, (LONG,)),
+            *_ddp_steps(data, work, gpus), bench_data]
 
 
 def _ddp_steps(data: str, work: Path, gpus: int) -> list[Step]:
-    def ddp(check: str, workers: int) -> Step:
-        overrides = (f"train.num_workers={workers}", f"train.global_batch_size={64 * workers}", *DDP_OVERRIDES)
-        return Step(check, (MODULE, "ddp", "--data", data, "--out", str(work / check)), 180, "ddp", PRESET,
-                    overrides, needs=("dataset",), note="mlm.train.train over Ray Train, no MLflow run")
+    def ddp(check: str, workers: int, *extra: str) -> Step:
+        overrides = (f"train.num_workers={workers}", f"train.global_batch_size={64 * workers}", *DDP_OVERRIDES, *extra)
+        return Step(check, (MODULE, "ddp", "--data", data, "--out", str(work / check), "--resume-steps",
+                            str(RESUME_STEPS)), 150, "ddp", PRESET, overrides, needs=("dataset",),
+                    note="mlm.train.train over Ray Train, no MLflow run; rerun to resume")
 
     two = ddp("ddp_nccl_2workers", 2)
     if gpus >= 2:
         return [two]
-    return [replace(two, skip=ONE_GPU), Step("nccl_same_gpu_probe", (MODULE, "nccl-probe"), 90, "json"),
+    return [replace(two, skip=ONE_GPU),
+            ddp("ddp_gloo_2workers_1gpu", 2, "train.backend=gloo", "train.gpus_per_worker=0.5"),
             ddp("ddp_nccl_1worker", 1)]
 
 
@@ -265,10 +281,21 @@ def _echo_tail(check_name: str, log: Path, n: int = 15) -> None:
 
 
 def _json_in(out: str) -> dict[str, Any]:
-    """The JSON document a command printed on stdout, after any lines of text."""
+    """The JSON document a command printed last on stdout: the last line opening a JSON
+    object whose document runs to the end of the output (lines before it, such as the HF
+    Trainer's Python dict line `{'train_runtime': ...}`, are not it)."""
     lines = out.splitlines()
-    start = next(i for i, s in enumerate(lines) if s.startswith("{"))
-    return json.JSONDecoder().raw_decode("\n".join(lines[start:]))[0]
+    for i in range(len(lines) - 1, -1, -1):
+        if not lines[i].startswith("{"):
+            continue
+        rest = "\n".join(lines[i:])
+        try:
+            doc, end = json.JSONDecoder().raw_decode(rest)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and not rest[end:].strip():
+            return doc
+    raise ValueError("no JSON document ends the output")
 
 
 def _read_dataset(out: str) -> dict[str, Any]:
@@ -278,8 +305,11 @@ def _read_dataset(out: str) -> dict[str, Any]:
 
 def _read_bench_train(out: str) -> dict[str, Any]:
     r = _json_in(out)
-    keys = ("device", "precision", "batch", "timed_steps", "mlm_tokens_per_s", "hf_trainer_tokens_per_s", "speedup")
-    return {k: r[k] for k in keys} | {"mlm_mfu": r.get("mlm_mfu"), "hf_trainer_mfu": r.get("hf_trainer_mfu")}
+    keys = ("device", "precision", "batch", "timed_steps", "mlm_compiled", "mlm_warmup_s", "sdpa", "mlm_tokens_per_s",
+            "hf_trainer_tokens_per_s", "speedup", "dropped_predictions")
+    optional = ("hf_trainer_compiled_tokens_per_s", "speedup_vs_compiled", "mlm_mfu", "hf_trainer_mfu",
+                "hf_trainer_compiled_mfu")
+    return {k: r[k] for k in keys} | {k: r.get(k) for k in optional}
 
 
 def _read_bench_data(out: str) -> dict[str, Any]:
@@ -309,18 +339,30 @@ READERS: dict[str, Callable[[str], dict[str, Any]]] = {
 # --------------------------------------------------------------------------- the steps' own entries
 
 
-def ddp_smoke(data_dir: str, out_dir: str, preset: str | None, overrides: list[str]) -> dict[str, Any]:
-    """A few DDP steps through `mlm.train.train` (Ray Train, NCCL on GPUs)."""
+def ddp_smoke(data_dir: str, out_dir: str, preset: str | None, overrides: list[str],
+              resume_steps: int | None = None) -> dict[str, Any]:
+    """A few DDP steps through `mlm.train.train` (Ray Train; NCCL on GPUs unless
+    `train.backend` says gloo); with `resume_steps`, the same run again to that many
+    steps, which resumes from the first run's last checkpoint (Ray Train restores a run
+    of the same storage path and name): `resumed_at` is the first step it logged."""
     import torch
 
-    from mlm.train import train
+    from mlm.train import backend, train
 
     cfg = load_config(preset, overrides)
     r = train(data_dir, out_dir, cfg)
-    return {"workers": cfg.train.num_workers, "backend": "nccl" if cfg.train.use_gpu else "gloo",
+    line = {"workers": cfg.train.num_workers, "backend": backend(cfg.train), "gpus_per_worker": cfg.train.gpus_per_worker,
             "gpus_visible": torch.cuda.device_count(), "steps": r["steps"], "final_train_loss": r["final_train_loss"],
             "train_seconds": r["seconds"], "approx_tokens_per_s": r["approx_tokens_per_s"],
             "model_written": storage.is_file(storage.join(r["model_dir"], "config.json"))}
+    if resume_steps:
+        log = Path(out_dir) / "train_log.jsonl"
+        before = len(log.read_text().splitlines()) if log.is_file() else 0
+        again = train(data_dir, out_dir, load_config(preset, [*overrides, f"train.max_steps={resume_steps}"]))
+        logged = [json.loads(s)["step"] for s in log.read_text().splitlines()[before:]] if log.is_file() else []
+        line |= {"resumed_to": again["steps"], "resumed_at": min(logged, default=None),
+                 "final_train_loss": again["final_train_loss"]}
+    return line
 
 
 def nccl_probe(wait_s: float = 45.0) -> dict[str, Any]:
@@ -388,7 +430,8 @@ def device_requirements() -> list[str]:
 def stage(dest: Path, python_version: str = DEVICE_PYTHON) -> dict[str, Any]:
     """DEST/wheels: the wheels the requirements resolve to for the lent machine (manylinux
     x86_64, CPython `python_version`) less what its image holds, ray without its unused
-    parts, and requirements.txt; DEST/data-base: the base dataset. Carry DEST there."""
+    parts, and requirements.txt; DEST/data-base and DEST/data-base-512: the base datasets
+    at seq 128 and 512. Carry DEST there."""
     dest = Path(dest).resolve()
     wheels = dest / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)
@@ -407,15 +450,16 @@ def stage(dest: Path, python_version: str = DEVICE_PYTHON) -> dict[str, Any]:
     for ray_wheel in wheels.glob("ray-*.whl"):
         trim_wheel(ray_wheel, RAY_UNUSED)
     storage.write_text(wheels / "requirements.txt", "\n".join(specs) + "\n")
-    dataset = plan(dest, 1)[0]
-    rc, _ = _run(dataset.argv, 1800, dest / "stage-dataset.log")
-    if rc:
-        raise StepError(f"preparing the dataset failed (exit {rc}): {_last_line(dest / 'stage-dataset.log')}")
+    for dataset in plan(dest, 1)[:2]:  # seq 128 and 512
+        log = dest / f"stage-{dataset.check}.log"
+        rc, _ = _run(dataset.argv, 1800, log)
+        if rc:
+            raise StepError(f"preparing {dataset.check} failed (exit {rc}): {_last_line(log)}")
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     if size > CARRY_LIMIT:
         raise StepError(f"{dest} holds {size / 2**20:.1f} MiB, over the {CARRY_LIMIT / 2**20:.0f} MiB a device call carries")
     return {"dest": str(dest), "mib": round(size / 2**20, 1), "requirements": specs, "left_out_as_on_the_image": left_out,
-            "wheels": sorted(w.name for w in wheels.glob("*.whl")), "dataset": str(dest / DATASET)}
+            "wheels": sorted(w.name for w in wheels.glob("*.whl")), "datasets": [str(dest / DATASET), str(dest / DATASET) + "-512"]}
 
 
 def trim_wheel(path: Path, drop: tuple[str, ...]) -> int:
@@ -456,6 +500,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True)
     d.add_argument("--preset", default=None)
     d.add_argument("--set", dest="overrides", action="append", default=[])
+    d.add_argument("--resume-steps", type=int, default=None, help="then rerun the same run to this many steps")
     sub.add_parser("nccl-probe", help="two NCCL ranks on one GPU (a step of check)")
     return p
 
@@ -481,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "stage":
             result = stage(Path(a.dest), a.python_version)
         elif a.command == "ddp":
-            result = ddp_smoke(a.data, a.out, a.preset, a.overrides)
+            result = ddp_smoke(a.data, a.out, a.preset, a.overrides, a.resume_steps)
         else:
             result = nccl_probe()
     except ConfigError as e:

@@ -196,32 +196,39 @@ def test_prepare_is_idempotent_and_training_refuses_corrupt_shards(result, tmp_p
 
 
 def test_bench_train_reports_both_contenders(result):
-    """The benchmark runs both training steps on the same data; no timing asserted."""
+    """The benchmark runs our step and the HF Trainer on the same data, real tokens and
+    predictions counted alike; no timing asserted."""
     from mlm.bench.train import bench_train
-    from mlm.compute import flops_per_token
+    from mlm.compute import model_flops
     from mlm.model import build_model, count_parameters
 
     cfg = load_config("tiny")
-    r = bench_train(cfg, result["data_dir"], steps=3, warmup=1)
+    r = bench_train(cfg, result["data_dir"], steps=3, warmup=1, peers=("hf",))
     assert r["mlm_tokens_per_s"] > 0 and r["hf_trainer_tokens_per_s"] > 0
     assert r["speedup"] == pytest.approx(r["mlm_tokens_per_s"] / r["hf_trainer_tokens_per_s"])
-    assert "mlm_mfu" not in r  # no known peak on a CPU
+    assert "mlm_mfu" not in r and "hf_trainer_compiled_tokens_per_s" not in r  # no known peak on a CPU; peer not asked
+    assert r["mlm_compiled"] is False and r["dropped_predictions"] == 0  # auto: not compiled on a CPU
+    assert r["sdpa"] == {"flash (cpu)": 2}  # packed rows: no mask, SDPA's flash kernel in both layers
+    assert r["tokens"] == 3 * 16 * 128 and 0.2 < r["predictions"] / r["tokens"] < 0.4  # 30% masking
     # the FLOP count follows the parameter count (6 per parameter-token, embeddings excluded)
     model = build_model(cfg.model, 4096, 0)
     n_params = count_parameters(model)
     embeddings = 4096 * 128 + 128 * 128 + 2 * 128
-    assert 5.5 * (n_params - embeddings) < flops_per_token(model, 128) < 8 * n_params
+    flops = model_flops(model, 128)
+    assert 5.5 * (n_params - embeddings) < flops.per_token + flops.per_prediction < 8 * n_params
 
 
 def test_warm_start_from_the_registered_champion(result, tmp_path):
     """`model.init_from` takes an MLflow model URI: training continues from the champion
     (its first loss is far below a fresh model's), and the training log has validation
-    and data-wait records."""
+    and data-wait records. The micro-batch is `auto`: the probe's choice (the worker's
+    whole share of the global batch, 32, on this CPU) is logged and trained with."""
     from mlm.train import train
 
     name = result["registered"]["name"]
     sets = ["train.num_workers=1", "train.max_steps=4", "train.log_every=1", "train.checkpoint_every=4",
-            "train.warmup_steps=1", "train.validate_every=4", "train.validate_batches=2"]
+            "train.warmup_steps=1", "train.validate_every=4", "train.validate_batches=2",
+            "train.micro_batch_size=auto"]
     warm = train(result["data_dir"], tmp_path / "warm", load_config("tiny", sets + [f"model.init_from=models:/{name}@champion"]))
     assert warm["steps"] == 4
     log = [json.loads(line) for line in (tmp_path / "warm" / "train_log.jsonl").read_text().splitlines()]
@@ -229,6 +236,8 @@ def test_warm_start_from_the_registered_champion(result, tmp_path):
     assert first["train_loss"] < result["metrics"]["loss"] + 0.5  # the champion's level, not ~ln(vocab)
     assert first["train_loss"] < 6.0 and 0.0 <= first["data_wait_fraction"] <= 1.0
     assert any("val_loss" in r for r in log)
+    assert {r["micro_batch_size"] for r in log if "train_loss" in r} == {32}
+    assert all(r["dropped_predictions"] == 0 and r["first_step_seconds"] > 0 for r in log if "train_loss" in r)
 
 
 def test_cli_fill_mask_answers_a_file_of_1000_lines(result, work, tmp_path, monkeypatch, capfd):

@@ -48,20 +48,27 @@ def test_dry_run_prints_the_plan(tmp_path):
     lines = [json.loads(s) for s in done.stdout.splitlines()]
     assert all(line["dry_run"] is True for line in lines)
     by = {line["check"]: line for line in lines}
-    # install, the dataset, then the three figures; one GPU planned (the lent machine has one):
-    # the 2-worker NCCL run is skipped with its reason, the probe and a 1-worker run stand in
-    assert list(by) == ["install", "dataset", "train_throughput", "ddp_nccl_2workers", "nccl_same_gpu_probe",
-                        "ddp_nccl_1worker", "prepare_throughput"]
+    # install, the datasets, then the figures; one GPU planned (the lent machine has one):
+    # the 2-worker NCCL run is skipped with its reason, two workers sharing the GPU over
+    # gloo and a 1-worker NCCL run stand in
+    assert list(by) == ["install", "dataset", "dataset_seq512", "train_throughput", "train_throughput_seq512",
+                        "ddp_nccl_2workers", "ddp_gloo_2workers_1gpu", "ddp_nccl_1worker", "prepare_throughput"]
     assert "Duplicate GPU detected" in by["ddp_nccl_2workers"]["skip"]
-    # the dataset: prepared with the base preset, or the one `--stage` left in .gpu/ read back
-    dataset = shlex.split(by["dataset"]["command"])[3:5]
-    assert dataset == ["data", "stats"] if (ROOT / ".gpu" / "data-base" / "manifest.json").is_file() else (
-        dataset[0] == "prepare" and by["dataset"]["config"]["preset"] == "base")
-    for check in ("train_throughput", "ddp_nccl_2workers", "ddp_nccl_1worker"):
+    # the datasets: prepared with the base preset, or the ones `--stage` left in .gpu/ read back
+    for check in ("dataset", "dataset_seq512"):
+        dataset = shlex.split(by[check]["command"])[3:5]
+        assert dataset == ["data", "stats"] if (ROOT / ".gpu" / "data-base" / "manifest.json").is_file() else (
+            dataset[0] == "prepare" and by[check]["config"]["preset"] == "base")
+    for check in ("train_throughput", "train_throughput_seq512", "ddp_nccl_2workers", "ddp_gloo_2workers_1gpu",
+                  "ddp_nccl_1worker"):
         assert by[check]["config"]["valid"] is True and by[check]["config"]["preset"] == "base"
         assert by[check]["parsed"] is True
+    assert "data.seq_len=512" in by["train_throughput_seq512"]["config"]["overrides"]
     assert "train.num_workers=2" in by["ddp_nccl_2workers"]["config"]["overrides"]
+    gloo = by["ddp_gloo_2workers_1gpu"]["config"]["overrides"]
+    assert {"train.num_workers=2", "train.backend=gloo", "train.gpus_per_worker=0.5"} <= set(gloo)
     assert "train.use_gpu=true" in by["ddp_nccl_1worker"]["config"]["overrides"]
+    assert "--resume-steps" in shlex.split(by["ddp_nccl_1worker"]["command"])
     commands = {c: shlex.split(by[c]["command"]) for c in by if c != "install"}
     assert commands["train_throughput"][:5] == ["python", "-m", "mlm.cli", "bench", "train"]
     assert commands["prepare_throughput"][:5] == ["python", "-m", "mlm.cli", "bench", "data"]
@@ -73,7 +80,8 @@ def test_dry_run_prints_the_plan(tmp_path):
 
 
 def test_bad_steps_fail_the_dry_run(tmp_path):
-    good = gpu.plan(tmp_path, 1)[1]  # train_throughput
+    good = gpu.plan(tmp_path, 1)[2]  # train_throughput
+    assert good.check == "train_throughput"
     assert gpu.validate(good)["parsed"] is True
     with pytest.raises(ConfigError, match="train.bogus"):
         gpu.validate(replace(good, overrides=("train.bogus=1",)))
@@ -83,7 +91,7 @@ def test_bad_steps_fail_the_dry_run(tmp_path):
         gpu.validate(replace(good, args=(*good.args, "--stepz", "3")))
     with pytest.raises(gpu.StepError, match="no reader"):
         gpu.validate(replace(good, read="nothing"))
-    ddp = gpu.plan(tmp_path, 2)[2]
+    ddp = gpu.plan(tmp_path, 2)[4]
     assert ddp.check == "ddp_nccl_2workers" and ddp.skip is None  # two GPUs: it runs
     with pytest.raises(gpu.StepError, match="does not parse"):
         gpu.validate(replace(ddp, args=(gpu.MODULE, "ddp", "--data", "d")))  # no --out
@@ -133,3 +141,42 @@ def test_the_steps_load_without_mlflow():
             "mlm.train, mlm.loader, mlm.model")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# What `mlm bench train` printed on the lent H200 (2026-12-04), shortened: the HF Trainer's
+# own Python dict line comes before the JSON document (the reader took it for the document).
+CAPTURED_BENCH = """{'train_runtime': '9.12', 'train_samples_per_second': '491.2', 'train_steps_per_second': '3.837', \
+'train_loss': '7.154', 'epoch': '1'}
+{'train_runtime': '8.05', 'train_samples_per_second': '556.4', 'train_steps_per_second': '4.347', 'train_loss': '7.15'}
+{
+  "device": "NVIDIA H200",
+  "precision": "bf16 autocast",
+  "batch": "128 x 128",
+  "timed_steps": 30,
+  "mlm_compiled": true,
+  "mlm_warmup_s": 41.5,
+  "dropped_predictions": 0,
+  "sdpa": {
+    "flash": 24
+  },
+  "mlm_tokens_per_s": 289064.1,
+  "hf_trainer_tokens_per_s": 288009.5,
+  "hf_trainer_compiled_tokens_per_s": 553788.0,
+  "speedup": 1.0036,
+  "speedup_vs_compiled": 0.522,
+  "mlm_mfu": 0.168,
+  "hf_trainer_mfu": 0.167,
+  "hf_trainer_compiled_mfu": 0.321
+}
+"""
+
+
+def test_the_bench_reader_takes_the_last_document():
+    line = gpu.READERS["bench_train"](CAPTURED_BENCH)
+    assert line["mlm_tokens_per_s"] == 289064.1 and line["hf_trainer_compiled_tokens_per_s"] == 553788.0
+    assert line["sdpa"] == {"flash": 24} and line["mlm_mfu"] == 0.168
+    with pytest.raises(ValueError, match="no JSON document"):
+        gpu.READERS["bench_train"]("{'train_runtime': '9.12'}\nmlm bench train: done\n")
+    # text after the document: not a document that ends the output
+    with pytest.raises(ValueError):
+        gpu.READERS["json"]('{"a": 1}\ntrailing words\n')

@@ -29,6 +29,7 @@ LAYERS = [
     "resolve",    # model references (dirs, s3://, models:/) -> local model dirs
     "model",      # build / save / load models, the training objective
     "loader",     # deterministic, resumable training input
+    "step",       # the training step: objective (compiled), AdamW, accumulation, micro-batch auto
     "train",      # Ray Train DDP loop and launch
     "evaluate",   # held-out metrics (local or Ray Data)
     "report",     # what MLflow shows people: dataset input, curves figure, tables
