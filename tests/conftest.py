@@ -22,8 +22,9 @@ def work(tmp_path_factory):
 def ray_cluster(work):
     import ray
 
-    from mlm.runtime import ensure_ray
+    from mlm.runtime import LOOPBACK, ensure_ray
+    from mlm.serve.ingress import local_env
 
-    ensure_ray()
+    ensure_ray(env=local_env("haproxy", LOOPBACK, work / "serve"))  # as `mlm serve` starts one
     yield ray
     ray.shutdown()
