@@ -24,20 +24,46 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mlm.corpus import InputError
     from mlm.evaluate import EvalError
     from mlm.export import ExportError
+    from mlm.finetune.data import LabelledDataError
     from mlm.jobs import JobsError
     from mlm.model import ModelError
     from mlm.predict import PredictError
     from mlm.registry import RegistryError
+    from mlm.serve.model import ServeError
     from mlm.shards import DatasetError
     from mlm.storage import StorageError
     from mlm.tokenizer import TokenizerError
 
     return (ConfigError, InputError, DatasetError, TokenizerError, ModelError, PredictError, RegistryError, EvalError,
-            ExportError, JobsError, StorageError)
+            LabelledDataError,
+            ExportError, JobsError, StorageError, ServeError)
 
 
 def _echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _wants_json() -> bool:
+    """`--json` was given: print exactly one JSON document on stdout (every command takes it)."""
+    return bool(click.get_current_context().meta.get("mlm.json"))
+
+
+def _add_json_option(cmd: click.Command) -> None:
+    """Give `cmd` (and every command under a group) the `--json` flag; commands whose
+    result is JSON anyway accept it as it is."""
+    if isinstance(cmd, click.Group):
+        for sub in cmd.commands.values():
+            _add_json_option(sub)
+        return
+    if any(p.name == "as_json" for p in cmd.params):
+        return
+
+    def remember(ctx, _param, value):
+        if value:
+            ctx.meta["mlm.json"] = True
+
+    cmd.params.append(click.Option(["--json"], is_flag=True, expose_value=False, callback=remember,
+                                   help="Print exactly one JSON document on stdout (human text goes to stderr)."))
 
 
 @click.group()
@@ -99,14 +125,20 @@ def train(data_dir, out_dir, preset, overrides) -> None:
 @PRESET
 @SET
 def evaluate(model, data_dir, log, preset, overrides) -> None:
-    """Masked-token accuracy (top-1/top-5), loss and perplexity of MODEL (dir or models:/ URI)."""
+    """Masked-token accuracy (top-1/top-5), loss and perplexity of MODEL (dir or models:/ URI)
+    on a dataset; for a fine-tuned classifier, accuracy and precision/recall/F1 on a
+    labelled file (--data FILE.jsonl|.csv|.parquet)."""
     import mlflow
 
     from mlm import registry
     from mlm.evaluate import evaluate as run, save_results
+    from mlm.finetune.data import is_labelled_file
 
     cfg = load_config(preset, overrides)
-    metrics = run(model, data_dir, cfg.eval.batch_size, engine=cfg.eval.engine, ray_min_rows=cfg.eval.ray_min_rows)
+    if is_labelled_file(data_dir):  # a classifier on labelled rows, not a masked-LM on a dataset
+        return _evaluate_classifier(model, data_dir, log, cfg)
+    metrics = run(model, data_dir, cfg.eval.batch_size, engine=cfg.eval.engine, ray_min_rows=cfg.eval.ray_min_rows,
+                  use_gpu=cfg.eval.use_gpu)
     if not model.startswith(("models:/", "runs:/")):  # a model folder (local or URI) keeps its results
         save_results(model, metrics)
     if log:
@@ -114,6 +146,67 @@ def evaluate(model, data_dir, log, preset, overrides) -> None:
             mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             mlflow.set_tag("mlm.model", model)
     _echo_json(metrics)
+
+
+def _evaluate_classifier(model: str, path: str, log: bool, cfg) -> None:
+    import mlflow
+
+    from mlm import registry
+    from mlm.finetune.metrics import log_to_mlflow
+    from mlm.finetune.evaluate import evaluate_file
+
+    metrics = evaluate_file(model, path, cfg)
+    if log:
+        with registry.stage_run("evaluate", cfg):
+            log_to_mlflow(metrics, [r["label"] for r in metrics["per_class"]])
+            mlflow.set_tags({"mlm.model": model, "mlm.data": path})
+    _echo_json(metrics)
+
+
+@cli.command()
+@click.option("--model", "model_ref", required=True,
+              help="The encoder: a model folder, a URI, or models:/NAME@champion (default alias of a registry name).")
+@click.option("--train", "train_path", required=True, help="Labelled training file (.jsonl, .csv, .parquet; local or URI) "
+              "or builtin:stdlib-topics:train.")
+@click.option("--validation", "validation_path", required=True, help="Labelled validation file (same formats).")
+@click.option("--task", type=click.Choice(["classification"]), default="classification", show_default=True)
+@click.option("--text-column", default=None, help="Column holding the text (default: finetune.text_column, text).")
+@click.option("--label-column", default=None, help="Column holding the label (default: finetune.label_column, label).")
+@click.option("--name", default=None, help="Registered name (default: finetune.model_name, else <base>-<task>).")
+@click.option("--out", "out_dir", default=None, help="Run folder or URI (default: a new one under paths.runs).")
+@click.option("--no-register", is_flag=True, help="Train and evaluate only.")
+@PRESET
+@SET
+def finetune(model_ref, train_path, validation_path, task, text_column, label_column, name, out_dir, no_register,
+             preset, overrides) -> None:
+    """Fine-tune an encoder as a sequence classifier on Ray Train, evaluate it (accuracy,
+    precision/recall/F1, confusion matrix in MLflow) and register it with lineage."""
+    from mlm.finetune.stage import run_finetune
+
+    sets = [*overrides, f"finetune.task={task}"]
+    sets += [f"finetune.text_column={text_column}"] if text_column else []
+    sets += [f"finetune.label_column={label_column}"] if label_column else []
+    result = run_finetune(model_ref, train_path, validation_path, load_config(preset, sets), out_dir=out_dir,
+                          name=name, register=not no_register)
+    _echo_json(result)
+
+
+@cli.command()
+@click.option("--model", "model_ref", default=None,
+              help="The encoder to probe (default: models:/<registry.model_name>@champion).")
+@PRESET
+@SET
+def probe(model_ref, preset, overrides) -> None:
+    """Fine-tune the encoder and a same-shape random-init twin on the built-in probe task
+    (builtin:stdlib-topics) with one budget; both macro-F1s and the gain."""
+    from mlm.finetune.probe import probe as run
+
+    cfg = load_config(preset, overrides)
+    result = run(model_ref or f"models:/{cfg.registry.model_name}@champion", cfg, cfg.eval.use_gpu)
+    if not _wants_json():
+        click.echo(f"probe {result['task']}: pretrained macro-F1 {result['pretrained']['macro_f1']:.4f}, random-init "
+                   f"{result['random_init']['macro_f1']:.4f} (gain {result['gain']:+.4f})", err=True)
+    _echo_json(result)
 
 
 @cli.command()
@@ -133,7 +226,8 @@ def register(model, name, data_dir, preset, overrides) -> None:
     if not storage.is_file(storage.join(model, "config.json")):
         raise ModelError(f"not a model directory (no config.json): {model}")
     if data_dir:
-        metrics = run_eval(model, data_dir, cfg.eval.batch_size, engine=cfg.eval.engine, ray_min_rows=cfg.eval.ray_min_rows)
+        metrics = run_eval(model, data_dir, cfg.eval.batch_size, engine=cfg.eval.engine, ray_min_rows=cfg.eval.ray_min_rows,
+                           use_gpu=cfg.eval.use_gpu)
         save_results(model, metrics)
     else:
         metrics = load_results(model)
@@ -159,7 +253,10 @@ def fill_mask(text, file_, model, top_k, preset, overrides) -> None:
     model = model or f"models:/{load_config(preset, overrides).registry.model_name}@champion"
     predictor = FillMask(model)
     if text is not None:
-        for i, preds in enumerate(predictor(text, top_k)):
+        masks = predictor(text, top_k)
+        if _wants_json():
+            return _echo_json({"text": text, "masks": masks})
+        for i, preds in enumerate(masks):
             click.echo(f"[MASK] #{i + 1}")
             for p in preds:
                 click.echo(f"  {p['score']:.4f}  {p['token']}")
@@ -169,21 +266,27 @@ def fill_mask(text, file_, model, top_k, preset, overrides) -> None:
     stream = sys.stdin if file_ == "-" else open(file_, encoding="utf-8", errors="replace")
     with stream:
         lines = [line.rstrip("\n") for line in stream]
-    errors = 0
+    errors, records = 0, []
     with click.progressbar(lines, label="fill-mask", file=sys.stderr) as bar:
         for n, line in enumerate(bar, 1):
             try:
                 record = {"line": n, "text": line, "masks": predictor(line, top_k)}
             except PredictError as e:
                 record, errors = {"line": n, "text": line, "error": str(e)}, errors + 1
-            click.echo(json.dumps(record, ensure_ascii=False))
+            if _wants_json():
+                records.append(record)
+            else:
+                click.echo(json.dumps(record, ensure_ascii=False))  # JSON lines, one per input line
     click.echo(f"fill-mask: {len(lines)} lines, {errors} with errors", err=True)
+    if _wants_json():
+        _echo_json({"lines": len(lines), "errors": errors, "records": records})
 
 
 @cli.command("predict")
 @click.option("--input", "input_path", required=True, help="Text file, one input per line (a path or a URI).")
 @click.option("--out", "out_path", required=True, help="JSON lines, in input order (a path or an s3:// / gs:// URI).")
-@click.option("--task", type=click.Choice(["fill-mask", "embed"]), default="fill-mask", show_default=True)
+@click.option("--task", type=click.Choice(["fill-mask", "embed", "classify"]), default="fill-mask", show_default=True,
+              help="classify: a fine-tuned classifier (mlm finetune) labels each line.")
 @click.option("--model", default=None, help="Model dir or MLflow URI (default: models:/<registry.model_name>@champion).")
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(1, 100))
 @PRESET
@@ -192,8 +295,39 @@ def predict(input_path, out_path, task, model, top_k, preset, overrides) -> None
     """Batch fill-mask or embedding extraction over a large file with Ray Data."""
     from mlm.predict import predict_file
 
-    model = model or f"models:/{load_config(preset, overrides).registry.model_name}@champion"
-    _echo_json(predict_file(model, input_path, out_path, task, top_k))
+    cfg = load_config(preset, overrides)
+    model = model or f"models:/{cfg.registry.model_name}@champion"
+    _echo_json(predict_file(model, input_path, out_path, task, top_k, use_gpu=cfg.eval.use_gpu))
+
+
+@cli.command("serve")
+@click.option("--model", "model_ref", default=None,
+              help="A model folder, a URI, models:/NAME/VERSION or models:/NAME@ALIAS (followed when it moves). "
+                   "Default: models:/<registry.model_name>@champion (classify: the fine-tuned <name>-classification).")
+@click.option("--task", type=click.Choice(["fill-mask", "embed", "classify"]), default="fill-mask", show_default=True,
+              help="What the model must answer (checked at start); a masked LM also answers /v1/embed, a "
+                   "classifier /v1/classify and /v1/embed.")
+@PRESET
+@SET
+def serve_model(model_ref, task, preset, overrides) -> None:
+    """Serve a model over HTTP with Ray Serve (dynamic batching, replicas, following an
+    alias) until Ctrl-C or SIGTERM. Binds serve.host (127.0.0.1) and serve.port (8000);
+    another host needs a token ($MLM_SERVE_TOKEN or serve.token), which every endpoint but
+    /healthz and /readyz then requires. What is served where: one JSON document on stdout."""
+    from mlm.serve.app import run_until_stopped
+
+    def ready(info) -> None:
+        m = info["model"]
+        version = f" v{m['version']}" if m["version"] else ""
+        click.echo(f"mlm serve: {m['name']}{version} ({m['kind']}) on {info['url']} "
+                   f"[{', '.join(info['listening']) or 'listening elsewhere'}]"
+                   f"{', token required' if info['token_required'] else ''}"
+                   f"{', following @' + m['alias'] if info['follows_alias'] else ''}; Ctrl-C stops it", err=True)
+        _echo_json(info)
+        sys.stdout.flush()
+
+    run_until_stopped(model_ref, task, load_config(preset, overrides), ready)
+    click.echo("mlm serve: stopped", err=True)
 
 
 @cli.group()
@@ -203,10 +337,13 @@ def export() -> None:
 
 @export.command("onnx")
 @click.argument("model")
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@click.option("--out", "out", required=True,
+              help="The folder to write (a path or a URI; new or empty): model.onnx, config.json, the tokenizer, "
+                   "parity.json.")
 @click.option("--data", "data_dir", default=None, help="Check parity on this dataset's validation split (default: sample text).")
 def export_onnx(model, out, data_dir) -> None:
-    """ONNX (input_ids, attention_mask -> logits) with a parity check against PyTorch."""
+    """ONNX (input_ids, attention_mask -> logits) with a parity check against PyTorch, as a
+    folder that onnxruntime with AutoTokenizer, or Optimum's ORTModelForMaskedLM, loads."""
     from mlm.export import export_onnx as run
 
     _echo_json(run(model, out, data_dir))
@@ -226,6 +363,8 @@ def data_verify(data_dir) -> None:
     problems = verify(data_dir)
     if problems:
         raise DatasetError("; ".join(problems))
+    if _wants_json():
+        return _echo_json({"data_dir": data_dir, "ok": True})
     click.echo(f"ok: {data_dir}")
 
 
@@ -270,6 +409,8 @@ def models_show(name, version) -> None:
     from mlm.registry import show
 
     info = show(name, version)
+    if _wants_json():
+        return _echo_json({k: v for k, v in info.items() if k != "tags"})
     click.echo(info["why"])
     _echo_json({k: v for k, v in info.items() if k not in ("why", "tags")})
 
@@ -303,6 +444,8 @@ def ui(host, port) -> None:
 
     uri = tracking_uri()
     if not is_database_store(uri):
+        if _wants_json():
+            return _echo_json({"server": redact_uri(uri)})
         click.echo(f"the tracking store is a server: open {redact_uri(uri)}")
         return
     # the store URI (it may hold a password) goes by environment, not on the command line
@@ -375,7 +518,7 @@ def bench_quality(inputs, steps, heldout_rows, work, skip_hf, preset, overrides)
     cfg = bench_config(preset, overrides, steps)
     r = run(list(inputs) or [DEFAULT_CORPUS], cfg, Path(work) if work else work_dir() / "bench-quality",
             heldout_rows, skip_hf, echo=lambda m: click.echo(m, err=True))
-    click.echo(format_report(r))
+    click.echo(format_report(r), err=True)
     _echo_json(r)
 
 
@@ -402,7 +545,36 @@ def bench_data(inputs, size_mb, scale, seq_len, work, skip_hf, raw_method, keep_
         raise InputError("give --input or --size-mb, not both")
     r = run(list(inputs) or None, 0.0 if inputs else (size_mb or 16.0), scale, seq_len,
             Path(work) if work else work_dir() / "bench-data", skip_hf,
-            raw_method=raw_method, keep_outputs=keep_outputs, echo=click.echo)
+            raw_method=raw_method, keep_outputs=keep_outputs, echo=functools.partial(click.echo, err=True))
+    _echo_json(r)
+
+
+@bench.command("serve")
+@click.option("--model", "model_ref", default=None,
+              help="Registered model (models:/NAME@ALIAS or models:/NAME/VERSION; default: the champion of "
+                   "registry.model_name); both servers load the same version.")
+@click.option("--requests", "requests_", default=400, show_default=True, type=click.IntRange(1),
+              help="Requests per server and concurrency level.")
+@click.option("--concurrency", default="1,4,16", show_default=True, help="Comma-separated concurrency levels.")
+@click.option("--skip-mlflow", is_flag=True, help="Measure our server only.")
+@PRESET
+@SET
+def bench_serve(model_ref, requests_, concurrency, skip_mlflow, preset, overrides) -> None:
+    """Requests/s and p50/p95/p99 latency of `mlm serve` next to `mlflow models serve`
+    on the same registered model, one fill-mask text per request, both on loopback, at
+    each concurrency level. The table goes to stderr, the JSON document to stdout."""
+    from mlm.serve.bench import bench_serve as run, format_report
+
+    try:
+        levels = sorted({int(c) for c in concurrency.split(",") if c.strip()})
+    except ValueError:
+        levels = []
+    if not levels or levels[0] < 1:
+        raise click.BadParameter(f"expected positive integers separated by commas, got {concurrency!r}",
+                                 param_hint="--concurrency")
+    r = run(model_ref, load_config(preset, overrides), requests_, levels, not skip_mlflow,
+            echo=functools.partial(click.echo, err=True))
+    click.echo(format_report(r), err=True)
     _echo_json(r)
 
 
@@ -433,15 +605,21 @@ def pipeline_run(inputs, as_json, preset, overrides) -> None:
 @click.option("--input", "inputs", multiple=True, required=True,
               help="The corpus (path/dir/glob/URI, repeatable), new files included: only new files are prepared.")
 @click.option("--from-scratch", is_flag=True, help="Do not warm-start from the champion (e.g. a monthly full retrain).")
-@PRESET
+@click.option("--model", default=None, metavar="NAME",
+              help="Registered model to retrain with its champion's config (default: registry.model_name).")
+@click.option("--preset", default=None, help="Train with this preset instead of the champion's config.")
 @SET
-def retrain(inputs, from_scratch, preset, overrides) -> None:
+def retrain(inputs, from_scratch, model, preset, overrides) -> None:
     """Retrain on new corpus files: prepare only those, warm-start from the champion,
-    evaluate, register through the gate. Safe to trigger repeatedly (lock; nothing new:
-    nothing done)."""
-    from mlm.retrain import retrain as run, summary_text
+    evaluate, register through the gate. Trains with the config the champion was trained
+    with (+ --set) unless --preset says otherwise. Safe to trigger repeatedly (lock;
+    nothing new: nothing done)."""
+    from mlm.retrain import retrain as run, retrain_config, summary_text
 
-    result = run(list(inputs), load_config(preset, overrides), from_scratch=from_scratch)
+    cfg, origin = retrain_config(preset, overrides, model)
+    result = run(list(inputs), cfg, from_scratch=from_scratch) | {"config_from": origin}
+    if _wants_json():
+        return _echo_json(result)
     click.echo(summary_text(result))
 
 
@@ -469,28 +647,34 @@ def _env_pairs(pairs) -> dict[str, str]:
               help="MLflow tracking URI for the job; default: the cluster nodes' own MLFLOW_TRACKING_URI.")
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE",
               help="Environment variable for the job (repeatable); nothing else is taken from this shell.")
-@click.argument("command", type=click.Choice(["pipeline", "prepare", "train", "evaluate", "retrain"]))
+@click.argument("command", type=click.Choice(["pipeline", "prepare", "train", "evaluate", "retrain", "serve"]))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def submit(address, follow, submission_id, working_dir, tracking_uri, env, command, args) -> None:
     """Run `mlm COMMAND ARGS...` on a Ray cluster as a Ray job (pipeline means `pipeline run`)."""
     from mlm import jobs
 
+    jobs.use_token_auth()  # before ray is imported
+
     job = jobs.submit(command, list(args), address=address, working_dir=working_dir or None, env=_env_pairs(env),
                       submission_id=submission_id, tracking_uri=tracking_uri)
     click.echo(f"submitted {job['submission_id']}: {job['entrypoint']}", err=True)
     if not follow:
-        click.echo(job["submission_id"])
-        return
-    _follow(job["submission_id"], address)
+        return _echo_json(job) if _wants_json() else click.echo(job["submission_id"])
+    _follow(job["submission_id"], address, job)
 
 
-def _follow(job_id: str, address: str | None) -> None:
+def _follow(job_id: str, address: str | None, job: dict | None = None) -> None:
+    """Stream the job's log (stdout; stderr with --json), then its final status; exit 1
+    unless it succeeded."""
     from mlm import jobs
 
+    as_json = _wants_json()
     for chunk in jobs.follow(job_id, address):
-        click.echo(chunk, nl=False)
+        click.echo(chunk, nl=False, err=as_json)
     final = jobs.wait(job_id, address, timeout_s=60)
     click.echo(f"job {job_id}: {final}", err=True)
+    if as_json:
+        _echo_json((job or {"submission_id": job_id}) | {"status": final})
     if final != "SUCCEEDED":
         sys.exit(1)
 
@@ -498,6 +682,9 @@ def _follow(job_id: str, address: str | None) -> None:
 @cli.group()
 def jobs() -> None:
     """Ray jobs on a cluster: list, logs, stop."""
+    from mlm.jobs import use_token_auth
+
+    use_token_auth()  # before ray is imported
 
 
 @jobs.command("list")
@@ -505,7 +692,10 @@ def jobs() -> None:
 def jobs_list(address) -> None:
     from mlm import jobs as j
 
-    for row in j.list_jobs(address):
+    rows = j.list_jobs(address)
+    if _wants_json():
+        return _echo_json(rows)
+    for row in rows:
         click.echo(f"{row['submission_id']}  {row['status']:<9}  {row['start'] or '-':<19}  {row['entrypoint']}")
 
 
@@ -518,6 +708,8 @@ def jobs_logs(job_id, address, follow) -> None:
 
     if follow:
         _follow(job_id, address)
+    elif _wants_json():
+        _echo_json({"submission_id": job_id, "logs": j.logs(job_id, address)})
     else:
         click.echo(j.logs(job_id, address), nl=False)
 
@@ -529,7 +721,40 @@ def jobs_stop(job_id, address) -> None:
     from mlm import jobs as j
 
     stopped = j.stop(job_id, address)
+    if _wants_json():
+        return _echo_json({"submission_id": job_id, "stopped": stopped})
     click.echo(f"job {job_id}: {'stop requested' if stopped else 'already ended'}")
+
+
+@cli.group("config")
+def config_group() -> None:
+    """The configuration: resolved values and every key."""
+
+
+@config_group.command("show")
+@PRESET
+@SET
+def config_show(preset, overrides) -> None:
+    """The resolved config (defaults <- preset <- --set <- MLFLOW_EXPERIMENT_NAME) as YAML (--json: JSON)."""
+    cfg = load_config(preset, overrides)
+    if _wants_json():
+        return _echo_json(cfg.to_dict())
+    click.echo(cfg.to_yaml(), nl=False)
+
+
+@config_group.command("keys")
+def config_keys() -> None:
+    """Every config key with its type, default and description."""
+    from mlm.config import describe_keys
+
+    keys = describe_keys()
+    if _wants_json():
+        return _echo_json(keys)
+    for k in keys:
+        click.echo(f"{k['key']} = {json.dumps(k['default'])}  ({k['type']})\n    {k['description']}")
+
+
+_add_json_option(cli)
 
 
 def main() -> None:

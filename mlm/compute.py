@@ -52,6 +52,26 @@ def peak_flops(device_name: str | None) -> float | None:
     return best[1] if best else None
 
 
+def inference_device(use_gpu="auto"):
+    """Where evaluation and prediction run in this process: CUDA when asked (`True`) or
+    when there is one (`"auto"`), else the CPU. True without a GPU is a RuntimeError."""
+    import torch
+
+    if use_gpu is True and not torch.cuda.is_available():
+        raise RuntimeError("use_gpu is true but torch sees no CUDA GPU here")
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def gpu_actors(use_gpu, cluster_gpus: float, wanted: int) -> int:
+    """How many one-GPU Ray Data actors an inference stage asks for: up to the cluster's
+    GPUs when `use_gpu` is True or "auto" and it has any, else 0 (CPU actors)."""
+    if not use_gpu or cluster_gpus < 1:
+        if use_gpu is True:
+            raise RuntimeError("use_gpu is true but the Ray cluster has no GPU")
+        return 0
+    return max(1, min(wanted, int(cluster_gpus)))
+
+
 def device_peak_flops(device) -> float | None:
     """Peak FLOP/s of a torch device (None on CPU or an unknown GPU)."""
     import torch
@@ -273,6 +293,13 @@ def masked_lm_loss(mlm, input_ids, attention_mask, positions, targets):
     logits = prediction_head(mlm)(chosen).float()
     total = torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def classification_loss(logits, labels):
+    """Mean cross entropy (float32) of a classifier's logits [B, classes] against labels [B]."""
+    import torch
+
+    return torch.nn.functional.cross_entropy(logits.float(), labels)
 
 
 def masked_sums(net, input_ids, attention_mask, labels) -> tuple[dict[str, float], Any]:

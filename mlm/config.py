@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -201,21 +202,100 @@ class EvalConfig(_Section):
         "auto", description="Score in the driver (local) or as Ray Data batch inference (ray); auto: ray from ray_min_rows."
     )
     ray_min_rows: int = Field(50_000, ge=1, description="auto engine: evaluation rows from which scoring runs on Ray.")
+    use_gpu: Union[bool, Literal["auto"]] = Field(
+        "auto", description="Score on GPUs (bf16): auto when this machine (local engine) or the Ray cluster (ray "
+        "engine, one GPU per actor) has one."
+    )
 
 
 class RegistryConfig(_Section):
-    experiment: str = Field("mlm-pretrain", description="MLflow experiment of the pipeline.")
+    experiment: str = Field("mlm-pretrain", description="MLflow experiment of the pipeline; when neither a preset "
+                            "nor --set names one, $MLFLOW_EXPERIMENT_NAME if set.")
     model_name: str = Field("mlm", description="Registered model name.")
     metric: Literal["top1_accuracy", "top5_accuracy", "loss"] = Field(
         "top1_accuracy", description="Evaluation metric of the promotion gate (loss: lower is better)."
     )
     min_improvement: float = Field(0.0, ge=0.0, description="Margin by which a challenger must beat the champion.")
+    probe: bool = Field(False, description="The evaluate stage also fine-tunes the model and a random-init twin on the "
+                        "built-in probe task (mlm probe) and records both macro-F1s with the version.")
     license: str = Field(
         "unknown", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9.+-]*$",
         description="License of the registered model, written into its model card (a Hugging Face license "
         "identifier such as apache-2.0, cc-by-4.0 or other); it follows from the corpus's license, which mlm "
         "cannot know, so the default is unknown.",
     )
+
+
+class FinetuneConfig(_Section):
+    task: Literal["classification"] = Field("classification", description="Downstream task: sequence classification.")
+    text_column: str = Field("text", description="Column of the labelled files holding the text.")
+    label_column: str = Field("label", description="Column of the labelled files holding the label.")
+    epochs: int = Field(3, ge=1, description="Passes over the training file.")
+    learning_rate: float = Field(1e-4, gt=0.0, description="Peak learning rate of AdamW (linear warmup, then linear decay).")
+    warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of the steps spent warming up.")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay (not on biases and LayerNorm).")
+    batch_size: int = Field(32, ge=1, description="Examples per optimizer step over all workers (train.num_workers "
+                            "of them, an equal share each).")
+    max_length: Optional[int] = Field(None, ge=8, description="Tokens per example (longer texts are cut); default the "
+                                      "model's positions.")
+    seed: int = Field(0, description="Seed of the classifier head's init, the data order and dropout.")
+    log_every: int = Field(10, ge=1, description="Steps between metric logs.")
+    model_name: Optional[str] = Field(None, description="Registered name of the fine-tuned model; default "
+                                      "<base model name>-<task>.")
+    min_improvement: float = Field(0.0, ge=0.0, description="Margin of macro-F1 by which a new version must beat the "
+                                   "champion to take its alias.")
+
+
+class ServeConfig(_Section):
+    host: str = Field("127.0.0.1", min_length=1, description="Address the HTTP proxy of `mlm serve` binds; anything "
+                      "but loopback needs a token (serve.token or $MLM_SERVE_TOKEN).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of `mlm serve`.")
+    token: Optional[SecretStr] = Field(
+        None, description="Bearer token every endpoint but /healthz and /readyz requires; default $MLM_SERVE_TOKEN. "
+        "Shown and logged as ********** only; required when serve.host is not loopback.")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="Texts per model forward: Ray Serve's dynamic batching "
+                                "groups the texts of concurrent requests up to this many.")
+    batch_wait_s: float = Field(0.002, ge=0.0, le=1.0, description="How long a batch waits for more texts before it "
+                                "runs with what it has (seconds).")
+    replicas: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = Field(
+        1, description="Replicas of the model (one process each); auto: Ray Serve autoscales between min_replicas "
+        "and max_replicas to keep target_ongoing_requests per replica.")
+    min_replicas: int = Field(1, ge=1, description="replicas=auto: fewest replicas.")
+    max_replicas: int = Field(4, ge=1, description="replicas=auto: most replicas.")
+    target_ongoing_requests: float = Field(16.0, gt=0.0, description="replicas=auto: requests in flight per replica "
+                                           "that autoscaling aims for.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica takes at once; more wait in the "
+                                      "proxy's queue.")
+    ingress: Literal["haproxy", "proxy"] = Field(
+        "haproxy", description="How HTTP reaches the replicas on a Ray instance `mlm serve` starts: haproxy (Ray "
+        "Serve's high-throughput mode: HAProxy forwards to each replica's own HTTP server) or proxy (Serve's Python "
+        "proxy actor). A cluster sets its own (deploy/kuberay/rayservice-serve.yaml).")
+    cpus_per_replica: float = Field(1.0, gt=0.0, description="CPUs Ray reserves per replica; its torch threads are "
+                                    "this many (at least one).")
+    use_gpu: Union[bool, Literal["auto"]] = Field(
+        "auto", description="One GPU per replica, weights in bf16: auto when the Ray cluster has GPUs.")
+    poll_s: float = Field(5.0, ge=0.0, description="Seconds between checks of a served alias (models:/NAME@ALIAS): "
+                          "when it moves, each replica loads the new version and switches to it between requests; "
+                          "0: never.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body (bytes); larger: 413.")
+    max_texts: int = Field(64, ge=1, description="Texts per request; more: 413.")
+    max_text_tokens: int = Field(512, ge=8, description="Tokens per text, special tokens included; longer: 413. A "
+                                 "text within this but past the model's positions is cut to them (as mlm predict).")
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _token(cls, value: Any) -> Any:
+        """A number from --set is still a token; a masked one (a logged config read back) is none."""
+        if value is None or isinstance(value, SecretStr):
+            return value
+        text = str(value)
+        return None if not text or set(text) == {"*"} else text
+
+    @model_validator(mode="after")
+    def _replicas(self) -> "ServeConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"serve.min_replicas ({self.min_replicas}) exceeds serve.max_replicas ({self.max_replicas})")
+        return self
 
 
 class PathsConfig(_Section):
@@ -238,9 +318,14 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _cross(self) -> "Config":
+        if self.finetune.batch_size % self.train.num_workers:
+            raise ValueError(f"finetune.batch_size ({self.finetune.batch_size}) must be a multiple of "
+                             f"train.num_workers ({self.train.num_workers})")
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ValueError(
                 f"data.seq_len ({self.data.seq_len}) exceeds model.max_position_embeddings "
@@ -329,16 +414,55 @@ def build_config(tree: dict[str, Any]) -> Config:
         raise ConfigError(_one_line(e)) from None
 
 
-def load_config(preset: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
-    """defaults <- preset <- overrides, validated."""
-    tree: dict[str, Any] = _read_preset(preset) if preset else {}
+def load_config(preset: Optional[str] = None, overrides: tuple[str, ...] | list[str] = (),
+                base: Optional[dict[str, Any]] = None) -> Config:
+    """defaults <- preset (or `base`, a config as a dict, e.g. a registered model's) <- overrides, validated."""
+    import copy
+
+    tree: dict[str, Any] = _read_preset(preset) if preset else copy.deepcopy(base or {})
     _check_keys(tree)
     for item in overrides:
         key, value = parse_override(item)
         _set(tree, key, value)
+    _from_environment(tree)
     return build_config(tree)
+
+
+def _from_environment(tree: dict[str, Any]) -> None:
+    """Settings MLflow users set in the environment, where the config leaves them open:
+    MLFLOW_EXPERIMENT_NAME -> registry.experiment."""
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip()
+    if name and "experiment" not in tree.get("registry", {}):
+        tree.setdefault("registry", {})["experiment"] = name
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:
     """Rebuild a resolved config (e.g. from a manifest or `train_loop_config`)."""
     return build_config(d)
+
+
+def _type_name(annotation: Any) -> str:
+    """A field's type as people read it: int, float, bool, str, one of [...], int | auto."""
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin is Annotated:
+        return _type_name(args[0])
+    if args and origin in (Union, getattr(__import__("types"), "UnionType", Union)):
+        return " | ".join(_type_name(a) for a in args if a is not type(None)) + (
+            " | null" if type(None) in args else "")
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def describe_keys() -> list[dict[str, Any]]:
+    """Every config key (`section.key`) with its type, default and description: what
+    `mlm config keys` prints."""
+    defaults = Config().to_dict()
+    out = []
+    for section, field in Config.model_fields.items():
+        for key, f in field.annotation.model_fields.items():  # type: ignore[union-attr]
+            out.append({"key": f"{section}.{key}", "type": _type_name(f.annotation),
+                        "default": defaults[section][key], "description": f.description or ""})
+    return out

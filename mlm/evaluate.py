@@ -46,14 +46,19 @@ def _remasked(batches, tokenizer, manifest: shards.Manifest, strategy: str, firs
 
 
 def _score_all(net, tokenizer, manifest: shards.Manifest, plan: list[tuple[str, int, int]], first_index: int = 0,
-               progress=None) -> dict[str, dict[str, float]]:
+               progress=None, device=None) -> dict[str, dict[str, float]]:
     """Sums for the evaluation masking ("random") and each re-masked strategy; one
-    `progress` step per batch scored."""
+    `progress` step per batch scored. On a CUDA `device` with bf16 autocast."""
+    import torch
+
+    device = device or torch.device("cpu")
+    net.to(device)
+    on = {"device": device, "autocast": torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")}
     baseline = manifest.most_frequent_token.id
-    out = {"random": score(net, _counted(read_batches(plan), progress), baseline)}
+    out = {"random": score(net, _counted(read_batches(plan), progress), baseline, **on)}
     for strategy in OTHER_STRATEGIES:
         batches = _remasked(read_batches(plan), tokenizer, manifest, strategy, first_index)
-        out[strategy] = score(net, _counted(batches, progress))
+        out[strategy] = score(net, _counted(batches, progress), **on)
     return out
 
 
@@ -69,70 +74,99 @@ class _RayScorer:
     loaded once per actor; an MLflow URI is resolved on the actor's node."""
 
     def __init__(self, model: str, manifest: shards.Manifest):
+        import ray
         import torch
 
+        from mlm.compute import inference_device
         from mlm.model import load_model_dir
 
-        torch.set_num_threads(1)
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]  # Ray assigned this actor a GPU (CUDA_VISIBLE_DEVICES)
+        self.device = inference_device("auto" if self.gpu_ids else False)
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)
         self.net, self.tokenizer = load_model_dir(model)
         self.manifest = manifest
 
     def __call__(self, item: dict) -> dict:
         sums = _score_all(self.net, self.tokenizer, self.manifest,
-                          [(str(item["file"][0]), int(item["start"][0]), int(item["rows"][0]))], int(item["index"][0]))
-        return {"sums": [json.dumps(sums)]}
+                          [(str(item["file"][0]), int(item["start"][0]), int(item["rows"][0]))], int(item["index"][0]),
+                          device=self.device)
+        return {"sums": [json.dumps(sums)], "device": [self.device.type], "gpu_ids": [",".join(self.gpu_ids)]}
 
 
 def _score_on_ray(model: str, manifest: shards.Manifest, plan: list[tuple[str, int, int]],
-                  progress=None) -> dict[str, dict[str, float]]:
+                  progress=None, use_gpu="auto") -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """(sums, where they ran): one actor per GPU of the cluster (one GPU each) when
+    `use_gpu` says so and it has any, else one per CPU."""
     import ray
 
+    from mlm.compute import gpu_actors
     from mlm.runtime import ensure_ray, quiet_ray_data
 
     ensure_ray()
     quiet_ray_data()
     items = [{"index": i, "file": f, "start": start, "rows": n} for i, (f, start, n) in enumerate(plan)]
+    try:
+        gpus = gpu_actors(use_gpu, ray.cluster_resources().get("GPU", 0), len(items))
+    except RuntimeError as e:
+        raise EvalError(str(e)) from None
+    size = gpus or max(1, min(len(items), int(ray.cluster_resources().get("CPU", 1))))
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _RayScorer, fn_constructor_kwargs={"model": model, "manifest": manifest}, batch_size=1, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(len(items), int(ray.cluster_resources().get("CPU", 1))))),
+        compute=ray.data.ActorPoolStrategy(size=size), num_gpus=1 if gpus else 0,
     )
     total: dict[str, dict[str, float]] = {}
+    ran = {"devices": set(), "gpu_ids": set()}
     for row in ds.iter_rows():
+        ran["devices"].add(str(row["device"]))
+        ran["gpu_ids"] |= {g for g in str(row["gpu_ids"]).split(",") if g}
         for strategy, sums in json.loads(row["sums"]).items():
             acc = total.setdefault(strategy, dict.fromkeys(sums, 0))
             for k, v in sums.items():
                 acc[k] += v
         if progress is not None:
             progress.update(1 + len(OTHER_STRATEGIES))
-    return total
+    return total, {"device": ",".join(sorted(ran["devices"])), "gpu_actors": gpus, "gpu_ids": sorted(ran["gpu_ids"])}
 
 
 def evaluate(model: Any, data_dir: str | Path, batch_size: int = 64, max_batches: int | None = None,
-             engine: str = "local", ray_min_rows: int = 50_000) -> dict[str, Any]:
+             engine: str = "local", ray_min_rows: int = 50_000, use_gpu="auto") -> dict[str, Any]:
     """Top-1/top-5 masked accuracy, loss and perplexity of `model` (a model directory,
     an MLflow model URI, or a loaded (model, tokenizer) pair) on `data_dir`'s
     validation split. engine: "local" scores in this process, "ray" as Ray Data batch
     inference (one model per actor, summed here), "auto" on Ray from `ray_min_rows`
-    evaluation rows. Both engines score the same batches and give the same metrics."""
+    evaluation rows. Both engines score the same batches and give the same metrics.
+    `use_gpu` (True, False, "auto"): on a GPU of this machine (local) or one GPU per
+    actor (ray), bf16; the metrics say where (`device`, `gpu_actors`)."""
     from mlm.progress import Progress
     from mlm.tokenizer import fingerprint
 
     if engine not in ("local", "ray", "auto"):
         raise EvalError(f"unknown evaluation engine {engine!r}; expected local, ray or auto")
     manifest = shards.Manifest.read(data_dir)
-    plan = plan_batches(shards.shard_paths(data_dir, "validation", verify=True), batch_size)[:max_batches]
+    plan = plan_batches(shards.checked_shards(data_dir, "validation", manifest), batch_size)[:max_batches]
     rows = sum(n for _, _, n in plan)
     on_ray = isinstance(model, (str, Path)) and (engine == "ray" or (engine == "auto" and rows >= ray_min_rows))
     model, net, tokenizer = _model_for(model, on_ray)
     if fingerprint(tokenizer) != manifest.tokenizer.fingerprint or len(tokenizer) != manifest.tokenizer.vocab_size:
         raise EvalError("the model's tokenizer is not the dataset's tokenizer; evaluate on data prepared with it")
     with Progress("evaluate", total=len(plan) * (1 + len(OTHER_STRATEGIES)), unit="batches") as line:
-        sums = _score_on_ray(model, manifest, plan, line) if on_ray else _score_all(net, tokenizer, manifest, plan,
-                                                                                    progress=line)
-        metrics = _metrics(sums, manifest, data_dir) | {"engine": "ray" if on_ray else "local"}
+        sums, ran = _score_on_ray(model, manifest, plan, line, use_gpu) if on_ray else _score_here(
+            net, tokenizer, manifest, plan, line, use_gpu)
+        metrics = _metrics(sums, manifest, data_dir) | {"engine": "ray" if on_ray else "local"} | ran
         line.close(f"top-1 {metrics['top1_accuracy']:.4f}, loss {metrics['loss']:.4f} on {metrics['masked_tokens']:,} "
                    f"masked tokens ({metrics['engine']})")
     return metrics
+
+
+def _score_here(net, tokenizer, manifest, plan, progress, use_gpu) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    from mlm.compute import inference_device
+
+    try:
+        device = inference_device(use_gpu)
+    except RuntimeError as e:
+        raise EvalError(str(e)) from None
+    return _score_all(net, tokenizer, manifest, plan, progress=progress, device=device), {"device": device.type}
 
 
 def _model_for(model: Any, on_ray: bool):
@@ -213,8 +247,9 @@ def sample_predictions(model: Any, data_dir: str | Path, rows: int = 8, top_k: i
         inputs[i, p], targets[i, p] = tokenizer.mask_token_id, original[r, p]
     attention = (np.arange(original.shape[1])[None, :] < lengths[[r for r, _ in picked], None]).astype(np.int64)
     net.eval()
+    device = next(net.parameters()).device  # where evaluation left it
     with torch.inference_mode():
-        logits, _ = masked_logits(net, torch.from_numpy(inputs), torch.from_numpy(attention), torch.from_numpy(targets))
+        logits, _ = masked_logits(net, *(torch.from_numpy(a).to(device) for a in (inputs, attention, targets)))
         best = torch.softmax(logits.float(), dim=-1).topk(top_k, dim=-1)
     return [{"masked_text": _around(tokenizer, inputs[i], p, int(lengths[r])),
              "true_token": tokenizer.convert_ids_to_tokens(int(original[r, p])),

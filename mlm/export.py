@@ -1,10 +1,14 @@
 """Export a masked-LM model to ONNX and check it against PyTorch.
 
-The ONNX graph takes `input_ids` and `attention_mask` (int64, [batch, sequence], both
-axes dynamic) and returns `logits` [batch, sequence, vocab]. The parity check runs both
-on real sequences (the validation split of a dataset, or the model's own tokenizer on
-sample text) and reports the largest absolute logit difference and how often the top-1
-token at the masked positions agrees.
+The export is a folder: `model.onnx` (+ `model.onnx.data` for weights over 1 GB), the
+model's `config.json` and its tokenizer files, `parity.json`: the layout Optimum's
+`ORTModelForMaskedLM.from_pretrained(folder)` loads, and what onnxruntime +
+`AutoTokenizer`/`AutoConfig` need. The ONNX graph takes `input_ids` and
+`attention_mask` (int64, [batch, sequence], both axes dynamic, sequence at most the
+model's positions) and returns `logits` [batch, sequence, vocab]. The parity check runs
+both on real sequences (the validation split of a dataset, or the model's own tokenizer
+on sample text) and reports the largest absolute logit difference and how often the
+top-1 token at the masked positions agrees.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def _parity_batches(data_dir: str | None, tokenizer, batch_size: int, max_batche
     from mlm import shards
 
     if data_dir:
-        files = shards.shard_paths(data_dir, "validation", verify=True)
+        files = shards.checked_shards(data_dir, "validation")
         for batch in shards.read_batches(shards.plan_batches(files, batch_size)[:max_batches]):
             ids, labels = shards.column_2d(batch, "input_ids"), shards.column_2d(batch, "labels")
             n = np.asarray(batch.column("num_tokens"))
@@ -54,25 +58,34 @@ def _parity_batches(data_dir: str | None, tokenizer, batch_size: int, max_batche
     yield ids, enc["attention_mask"].astype(np.int64), np.where(ids == tokenizer.mask_token_id, 1, -100)
 
 
+ONNX_FILE = "model.onnx"
+
+
 def export_onnx(model: str, out: str | Path, data_dir: str | None = None, batch_size: int = 16,
                 max_batches: int = 8, opset: int = 18) -> dict[str, Any]:
-    """Write `out` (ONNX; a path or an object-store URI, committed only after the
-    parity check) and `out`.parity.json; returns the parity report. Raises ExportError
-    when the outputs disagree beyond ATOL. A model over EXTERNAL_DATA_BYTES keeps its
-    weights in `out`.data beside it (ONNX files are limited to 2 GB)."""
+    """Write the folder `out` (a path or an object-store URI; new or empty, else
+    ExportError): `model.onnx`, `config.json`, the tokenizer, `parity.json`. Built in a
+    local temporary folder and committed only after the parity check, config.json last
+    (`storage.put_dir`). Returns the parity report. Raises ExportError when the outputs
+    disagree beyond ATOL. A model over EXTERNAL_DATA_BYTES keeps its weights in
+    `model.onnx.data` beside it (ONNX files are limited to 2 GB)."""
     import tempfile
 
     from mlm import storage
+    from mlm.model import load_model_dir
 
+    if storage.is_file(out) or storage.list_names(out):
+        raise ExportError(f"{storage.normalize(out)} exists and is not an empty folder: give a new folder for the export")
+    net, tokenizer = load_model_dir(model)  # the tokenizer's model_max_length: the model's positions
     with tempfile.TemporaryDirectory(prefix="mlm-onnx-") as scratch:
-        tmp = Path(scratch) / storage.name(out)  # external data is found by this name
-        report = _export_checked(model, tmp, data_dir, batch_size, max_batches, opset)
-        report["onnx"] = storage.normalize(out)
-        data = tmp.with_name(tmp.name + ".data")
-        if data.exists():
-            storage.upload_file(str(data), storage.normalize(out) + ".data")
-        storage.upload_file(str(tmp), out)
-    storage.write_text(storage.normalize(out) + ".parity.json", json.dumps(report, indent=2))
+        folder = Path(scratch) / "onnx"
+        folder.mkdir()
+        net.config.save_pretrained(folder)  # before the export switches attention to eager
+        tokenizer.save_pretrained(folder)
+        report = _export_checked(net, tokenizer, folder / ONNX_FILE, data_dir, (batch_size, max_batches), opset)
+        report["onnx"] = storage.join(out, ONNX_FILE)
+        (folder / "parity.json").write_text(json.dumps(report, indent=2))
+        storage.put_dir(folder, out, marker="config.json", move=True)
     return report
 
 
@@ -98,17 +111,15 @@ def _export(wrapper, net, path: Path, opset: int) -> None:
     )
 
 
-def _export_checked(model: str, tmp: Path, data_dir, batch_size: int, max_batches: int, opset: int) -> dict[str, Any]:
+def _export_checked(net, tokenizer, path: Path, data_dir, batches: tuple[int, int], opset: int) -> dict[str, Any]:
+    """Export `net` to `path`, then the parity check; `batches`: (batch size, most batches)."""
     import onnxruntime as ort
 
-    from mlm.model import load_model_dir
-
-    net, tokenizer = load_model_dir(model)
     net.set_attn_implementation("eager")  # plain matmuls: portable ONNX ops
     wrapper = _wrapper(net)
-    _export(wrapper, net, tmp, opset)
-    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-    report = _parity(wrapper, session, _parity_batches(data_dir, tokenizer, batch_size, max_batches))
+    _export(wrapper, net, path, opset)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    report = _parity(wrapper, session, _parity_batches(data_dir, tokenizer, *batches))
     report = {"onnx": None, "opset": opset, **report, "atol": ATOL, "data": str(data_dir) if data_dir else "sample text"}
     if report["max_abs_logit_diff"] > ATOL or report["top1_agreement"] != 1.0:
         raise ExportError(f"ONNX output differs from PyTorch: max |logit diff| {report['max_abs_logit_diff']:.2e} "

@@ -9,12 +9,15 @@ on the cluster): without a tracking URI the job uses the nodes' own (cluster.yam
 it, with the nodes' MLflow credentials; secrets never travel in a job's environment).
 
 The Ray job API executes whatever it is sent, so remote clusters run with token
-authentication; the token is read from RAY_AUTH_TOKEN, the file in RAY_AUTH_TOKEN_PATH,
-or ~/.ray/auth_token, and sent as a bearer token.
+authentication: this process runs in Ray's token mode (`use_token_auth`) and Ray's job
+client sends the token Ray finds (RAY_AUTH_TOKEN, the file in RAY_AUTH_TOKEN_PATH, or
+~/.ray/auth_token). The address given (--address) is the one contacted, whatever
+RAY_ADDRESS or RAY_API_SERVER_ADDRESS say.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -26,6 +29,7 @@ COMMANDS = {
     "train": ["train"],
     "evaluate": ["evaluate"],
     "retrain": ["retrain"],
+    "serve": ["serve"],  # runs until the job is stopped (`mlm jobs stop`): the application goes with it
 }
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded with the working directory: local state, caches, VCS.
@@ -47,24 +51,40 @@ def address_of(address: str | None) -> str:
     return env if env.startswith(("http://", "https://")) else DEFAULT_ADDRESS
 
 
-def auth_token() -> str | None:
-    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    if token:
-        return token
-    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), str(Path.home() / ".ray" / "auth_token")):
-        if path and os.path.isfile(path):
-            return Path(path).read_text().strip() or None
-    return None
+ADDRESS_OVERRIDES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # Ray's client prefers these to the address given
+
+
+def use_token_auth() -> None:
+    """This process talks to token-protected clusters: RAY_AUTH_MODE=token unless the user
+    set a mode. Ray's job client then sends the token Ray itself finds (RAY_AUTH_TOKEN,
+    the file RAY_AUTH_TOKEN_PATH names, ~/.ray/auth_token). Ray reads the mode when it is
+    first imported: call this before (the `submit` and `jobs` commands do, first thing)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+@contextlib.contextmanager
+def _address_only(url: str) -> Iterator[None]:
+    """Ray's JobSubmissionClient contacts RAY_API_SERVER_ADDRESS or RAY_ADDRESS when set,
+    whatever address it is given: unset them while it resolves `url`, so the cluster the
+    user named is the one contacted (and the one mlm reports)."""
+    saved = {k: os.environ.pop(k) for k in ADDRESS_OVERRIDES if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def client(address: str | None = None):
+    import logging
+
     from ray.job_submission import JobSubmissionClient
 
     url = address_of(address)
-    token = auth_token()
-    headers = {"Authorization": f"Bearer {token}"} if token else None
+    # without a token Ray warns before the request fails; the refusal below says what to set
+    logging.getLogger("ray._private.authentication.http_token_authentication").setLevel(logging.ERROR)
     try:
-        return JobSubmissionClient(url, headers=headers)
+        with _address_only(url):
+            return JobSubmissionClient(url)
     except Exception as e:  # connection refused, 401/403, not a Ray dashboard
         raise JobsError(f"cannot use the Ray job API at {url}: {_short(e)}{_auth_hint(e)}") from None
 

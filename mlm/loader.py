@@ -39,11 +39,11 @@ class RowGroup:
 
 def row_groups(paths: list[str]) -> list[RowGroup]:
     """The row groups of the shards, in shard order (from Parquet metadata only)."""
-    from mlm import storage
+    from mlm.shards import open_shard
 
     out = []
     for path in paths:
-        meta = storage.parquet_file(path).metadata
+        meta = open_shard(path).metadata
         out += [RowGroup(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
     return out
 
@@ -111,14 +111,15 @@ class GroupCache:
         self.size, self.tables = size, {}
 
     def get(self, group: RowGroup):
-        from mlm import storage
+        from mlm.shards import read_shard
 
         key = (group.path, group.index)
         if key not in self.tables:
             if len(self.tables) >= self.size:
                 self.tables.pop(next(iter(self.tables)))
-            # a local path or an object-store URI: each worker reads its own row groups
-            self.tables[key] = storage.parquet_file(group.path).read_row_group(group.index)
+            # a local path or an object-store URI: each worker reads its own row groups,
+            # every page checked against its checksum (a corrupt one: DatasetError naming the shard)
+            self.tables[key] = read_shard(group.path, group.index)
         return self.tables[key]
 
 

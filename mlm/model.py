@@ -13,8 +13,8 @@ from mlm.compute import masked_lm_loss
 from mlm.config import ModelConfig
 from mlm.resolve import ModelError, resolve_model_dir
 
-__all__ = ["ModelError", "build_model", "count_parameters", "load_model_dir", "masked_lm_objective",
-           "resolve_model_dir", "save_model_dir"]
+__all__ = ["ModelError", "build_model", "count_parameters", "fit_tokenizer", "load_model_dir",
+           "masked_lm_objective", "resolve_model_dir", "save_model_dir"]
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int, cls_token_id: int = 2, sep_token_id: int = 3):
@@ -45,10 +45,20 @@ def build_model(cfg: ModelConfig, vocab_size: int, pad_token_id: int, cls_token_
     return model_class(config)
 
 
+def fit_tokenizer(tokenizer, config):
+    """Set the tokenizer's `model_max_length` to the model's positions (the config's
+    `max_position_embeddings`, BERT and ModernBERT alike), so that `truncation=True`
+    anywhere (HF pipelines, MLflow's flavor) cuts a text where the model ends instead
+    of at the tokenizer's generic 512. Returns the tokenizer."""
+    tokenizer.model_max_length = int(config.max_position_embeddings)
+    return tokenizer
+
+
 def save_model_dir(model, tokenizer, out_dir: str | Path) -> str:
     """HF `save_pretrained` layout with safetensors weights, written to a local
     temporary folder and committed to `out_dir` (a local folder: renamed into place;
-    a URI: uploaded with config.json last)."""
+    a URI: uploaded with config.json last). The tokenizer is saved fitted to the model
+    (`fit_tokenizer`)."""
     import tempfile
 
     from mlm import storage
@@ -56,16 +66,18 @@ def save_model_dir(model, tokenizer, out_dir: str | Path) -> str:
     with tempfile.TemporaryDirectory(prefix="mlm-model-") as tmp:
         model.save_pretrained(tmp)  # safetensors: the transformers 5 default and only format
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            fit_tokenizer(tokenizer, model.config).save_pretrained(tmp)
         return storage.put_dir(tmp, out_dir, marker="config.json")
 
 
 def load_model_dir(path: str | Path):
+    """(model, tokenizer) of a model reference; the tokenizer fitted to the model, so a
+    folder written before tokenizers carried the model's length loads right too."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     path = resolve_model_dir(str(path))
     model = AutoModelForMaskedLM.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = fit_tokenizer(AutoTokenizer.from_pretrained(path), model.config)
     return model, tokenizer
 
 

@@ -65,7 +65,8 @@ def pretrain(inputs: list[str], cfg: Config, work: Path | None = None, *, data_d
         "model_dir": summary["model_dir"],
         "tracking_uri": redact_uri(tracking_uri()),  # printed: never a password
         "pipeline_run_id": pid,
-        "metrics": {k: metrics[k] for k in ("top1_accuracy", "top5_accuracy", "loss", "perplexity", "baseline_top1_accuracy")},
+        "metrics": {k: metrics[k] for k in ("top1_accuracy", "top5_accuracy", "loss", "perplexity", "baseline_top1_accuracy",
+                                            "probe_macro_f1", "probe_random_init_macro_f1", "probe_gain") if k in metrics},
         "registered": reg,
         "seconds": round(time.time() - started, 1),
     }
@@ -105,7 +106,9 @@ def _train_stage(data_dir: str, out_dir: str, cfg: Config, pid: str, dataset) ->
 
 def _evaluate_stage(model_dir: str, data_dir: str, cfg: Config, pid: str, dataset) -> dict[str, Any]:
     """The evaluate run: the dataset as its evaluation input, the metrics (also saved in
-    the model directory), the per-strategy and sample fill-mask tables."""
+    the model directory), the per-strategy and sample fill-mask tables; with
+    `registry.probe`, the probe task's macro-F1s too (`probe.json`; metrics, so the
+    version's tags and card carry them)."""
     import mlflow
 
     from mlm import registry, report
@@ -114,7 +117,13 @@ def _evaluate_stage(model_dir: str, data_dir: str, cfg: Config, pid: str, datase
     with registry.stage_run("evaluate", cfg, pid):
         report.log_dataset(dataset, "evaluation")
         metrics = evaluate(model_dir, data_dir, cfg.eval.batch_size, engine=cfg.eval.engine,
-                           ray_min_rows=cfg.eval.ray_min_rows)
+                           ray_min_rows=cfg.eval.ray_min_rows, use_gpu=cfg.eval.use_gpu)
+        if cfg.registry.probe:  # downstream use: the probe task, pretrained vs random-init (mlm probe)
+            from mlm.finetune.probe import probe, probe_metrics
+
+            result = probe(model_dir, cfg, cfg.eval.use_gpu)
+            metrics |= probe_metrics(result)
+            mlflow.log_dict(result, "probe.json")
         save_results(model_dir, metrics)
         mlflow.log_metrics(report.numeric(metrics))
         report.log_evaluation(metrics, sample_predictions(model_dir, data_dir))

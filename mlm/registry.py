@@ -49,10 +49,15 @@ def code_version() -> str:
     return f"{v}+{sha}" if sha else v
 
 
+# MLflow 3's UI opens an experiment by its kind: without this tag it guesses GenAI ("Traces",
+# "Detect Issues") and lists stage runs under "Evaluation runs"; this is model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def setup(experiment: str) -> str:
     """Point MLflow at the configured store and return the experiment id (created with
     an artifact root inside the work folder when the store is a database, SQLite or
-    PostgreSQL, rather than a tracking server)."""
+    PostgreSQL, rather than a tracking server), tagged as model training."""
     import mlflow
 
     from mlm.runtime import artifact_root, is_database_store, tracking_uri
@@ -61,10 +66,12 @@ def setup(experiment: str) -> str:
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is not None:
+        if exp.tags.get("mlflow.experimentKind") is None:  # made by an older mlm, or by hand
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return exp.experiment_id
     database = is_database_store(uri)
     location = f"{artifact_root()}/{experiment}" if database else None  # else MLflow's ./mlruns in the cwd
-    return mlflow.create_experiment(experiment, artifact_location=location)
+    return mlflow.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_KIND)
 
 
 @contextlib.contextmanager
@@ -188,19 +195,43 @@ def _lineage(run) -> dict[str, str]:
     return tags
 
 
+FILL_MASK_TOP_K = 5  # the served model's default, as `mlm fill-mask --top-k`
+
+
 def _log_model(model, tokenizer, card):
     """Log the model to the active run with its model card (a huggingface_hub ModelCard:
     MLflow writes it as the model's `model_card.md` and `model_card_data.yaml` instead of
-    looking for one on the hub). Returns MLflow's ModelInfo (`model_id`, `model_uri`)."""
-    import mlflow
+    looking for one on the hub), a signature (a text in, a token out per mask, the
+    `top_k` param) and an input example with that param. Returns MLflow's ModelInfo
+    (`model_id`, `model_uri`)."""
+    import logging
 
-    return mlflow.transformers.log_model(
-        transformers_model={"model": model, "tokenizer": tokenizer},
-        name="model",
-        task="fill-mask",
-        pip_requirements=_pip_requirements(),
-        model_card=card,
-    )
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+                               params=ParamSchema([ParamSpec("top_k", "long", FILL_MASK_TOP_K)]))
+
+    # MLflow checks the input example by predicting with its params, and its transformers
+    # flavor warns at every predict with params that they override the saved config.
+    def notice(record) -> bool:
+        return not record.getMessage().startswith("params provided to the `predict` method")
+
+    flavor_log = logging.getLogger("mlflow.transformers")
+    flavor_log.addFilter(notice)
+    try:
+        return mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            name="model",
+            task="fill-mask",
+            signature=signature,  # given, not inferred: inference falls back to one without params on any error
+            input_example=(f"Paris is the {tokenizer.mask_token} of France.", {"top_k": 3}),
+            pip_requirements=_pip_requirements(),
+            model_card=card,
+        )
+    finally:
+        flavor_log.removeFilter(notice)
 
 
 def _link_metrics(model_id: str, metrics: dict[str, Any], data_dir: str | Path | None) -> None:
@@ -260,7 +291,7 @@ def _gate(client, name: str, metrics: dict[str, Any], cfg: Config, data_fingerpr
         if data_dir is None:
             raise RegistryError(f"champion v{champion.version} was scored on other data; pass the data to re-score it")
         rescored = evaluate(f"models:/{name}/{champion.version}", data_dir, cfg.eval.batch_size,
-                            engine=cfg.eval.engine, ray_min_rows=cfg.eval.ray_min_rows)
+                            engine=cfg.eval.engine, ray_min_rows=cfg.eval.ray_min_rows, use_gpu=cfg.eval.use_gpu)
         champion_score = float(rescored[metric])
     wins = better(metric, score, champion_score, margin)
     verdict = "beats" if wins else "does not beat"

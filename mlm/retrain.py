@@ -78,6 +78,51 @@ def _champion(name: str):
     return _alias_version(_client(), name, CHAMPION)
 
 
+DEFAULT_PRESET = "tiny"  # the CLI's default, for a model that has no champion yet
+
+
+def retrain_config(preset: str | None, overrides: list[str] | tuple[str, ...] = (),
+                   model: str | None = None) -> tuple[Config, str]:
+    """(config, where it came from) of a retrain: a retrain trains what is in production.
+
+    With `preset`, that preset (+ `overrides`): said explicitly. Otherwise the registered
+    model `model` (default: `registry.model_name` of the overrides, else the default
+    preset's) is retrained with the config its champion was trained with (the
+    `config.yaml` of the run that logged it) + `overrides`; with no champion yet, the
+    default preset under that name."""
+    from mlm.config import load_config
+
+    if preset:
+        return load_config(preset, overrides), f"preset {preset}"
+    name = model or load_config(DEFAULT_PRESET, overrides).registry.model_name
+    naming = [f"registry.model_name={name}"]
+    champion = _champion(name)
+    if champion is None:
+        return load_config(DEFAULT_PRESET, [*overrides, *naming]), f"preset {DEFAULT_PRESET} ({name} has no champion yet)"
+    base = champion_config(champion)
+    base.setdefault("model", {})["init_from"] = None  # the retrain decides its own warm start
+    return load_config(None, [*overrides, *naming], base=base), f"the config of {name} v{champion.version} (champion)"
+
+
+def champion_config(version) -> dict[str, Any]:
+    """The resolved config a registered version was trained with: `config.yaml` of the
+    run that logged it (every stage run logs it), as a dict."""
+    import tempfile
+
+    import yaml
+
+    from mlm.registry import RegistryError, _client
+
+    client = _client()
+    with tempfile.TemporaryDirectory(prefix="mlm-champion-config-") as tmp:
+        try:
+            path = client.download_artifacts(version.run_id, "config.yaml", tmp)
+        except Exception as e:  # noqa: BLE001 - no such artifact, or the run is gone
+            raise RegistryError(f"cannot read the config of {version.name} v{version.version} (run "
+                                    f"{version.run_id}): {e}; give --preset") from None
+        return yaml.safe_load(Path(path).read_text())
+
+
 def retrain(inputs: list[str], cfg: Config, *, from_scratch: bool = False, work: Path | None = None) -> dict[str, Any]:
     from mlm.pipeline import pretrain
     from mlm.runtime import work_dir
@@ -126,5 +171,6 @@ def summary_text(result: dict[str, Any]) -> str:
 
     if result["status"] != "registered":
         return f"retrain: {result['reason']}\n" + json.dumps({"summary": result})
-    head = f"retrain: {len(result['new_files'])} new file(s), {result['init_reason']}"
+    origin = f", config: {result['config_from']}" if result.get("config_from") else ""
+    head = f"retrain: {len(result['new_files'])} new file(s), {result['init_reason']}{origin}"
     return head + "\n" + pipeline_summary(result)

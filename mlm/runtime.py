@@ -88,10 +88,15 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def ensure_ray(dashboard: bool = True) -> None:
+LOCAL_ENV: dict[str, str] = {}  # what the local instance this process started was given
+
+
+def ensure_ray(dashboard: bool = True, env: dict[str, str] | None = None) -> None:
     """Connect to RAY_ADDRESS, or start a local instance bound to loopback. `dashboard`:
     whether a local instance runs the dashboard (its State API is what Ray Train relies
     on; `mlm prepare` alone does without, ~2 s of start-up and a busy process less).
+    `env`: settings for the processes of a local instance (Ray reads its libraries'
+    switches from the environment: `mlm serve`'s ingress); kept in `LOCAL_ENV`.
     Workers' stdout/stderr reach this process only when verbose (`MLM_LOG=debug`):
     their failures come back as exceptions anyway, and their logs stay in Ray's session
     folder."""
@@ -101,7 +106,7 @@ def ensure_ray(dashboard: bool = True) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=verbose(), logging_level=logging.WARNING)
+        _connect(address)
         return
     from ray._private import ray_constants
 
@@ -118,9 +123,12 @@ def ensure_ray(dashboard: bool = True) -> None:
     # same stores. (A runtime_env with env_vars would do the same but keeps every
     # prestarted worker from being used: ~1.5 s more before the first task runs.) This
     # process keeps its own environment.
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLM_HOME", _LOCAL_ONLY)}
+    env = env or {}
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLM_HOME", _LOCAL_ONLY, *env)}
     saved_flag = ray_constants.ENABLE_RAY_CLUSTER
-    os.environ.update({"MLFLOW_TRACKING_URI": tracking_uri(), "MLM_HOME": str(work_dir()), _LOCAL_ONLY: "0"})
+    os.environ.update({"MLFLOW_TRACKING_URI": tracking_uri(), "MLM_HOME": str(work_dir()), _LOCAL_ONLY: "0", **env})
+    LOCAL_ENV.clear()
+    LOCAL_ENV.update(env)
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         ray.init(
@@ -142,6 +150,39 @@ def ensure_ray(dashboard: bool = True) -> None:
     if not ipaddress.ip_address(node_ip).is_loopback:  # a Ray that moved the switch
         logging.getLogger(__name__).warning(
             "the local Ray instance runs on %s, not loopback: its services are reachable from the network", node_ip)
+
+
+def _is_loopback_address(address: str) -> bool:
+    """Is `host:port` (a GCS address, as RAY_ADDRESS gives it) on this machine's loopback?"""
+    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address and "://" not in address else ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _connect(address: str) -> None:
+    """Join the cluster at RAY_ADDRESS. One bound to loopback (a local cluster, such as
+    the one `ensure_ray` starts, whose raylet registered as 127.0.0.1) is joined as a
+    loopback driver: with Ray's default this driver would call itself by the machine's
+    routable IP, find no raylet there, and wait for ever (the module flag below is the
+    one `ensure_ray` turns off to start such a cluster)."""
+    import ray
+
+    kwargs = {"address": address, "log_to_driver": verbose(), "logging_level": logging.WARNING}
+    if not _is_loopback_address(address):
+        ray.init(**kwargs)
+        return
+    from ray._private import ray_constants
+
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(**kwargs, _node_ip_address=LOOPBACK)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
 
 
 def quiet_ray_data() -> None:

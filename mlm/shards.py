@@ -4,6 +4,13 @@ A dataset is a folder (local or an object-store URI, see `mlm.storage`) with
 `manifest.json`; each shard is written to a temporary name and committed by the
 prepare actor that made it, and the manifest is written last by the driver, so a
 folder without a manifest, or a shard without an entry in it, is never taken for data.
+
+Integrity without re-reading: every data page of a shard carries a CRC32 (Parquet page
+checksums) that is checked whenever the page is read (`open_shard`, `read_shard`), so
+a corrupt page fails the read, naming the shard. The sha256 of whole shards (in the
+manifest) is checked only where reading everything is the point: by prepare before it
+reuses or extends a dataset, and by `mlm data verify`. Train and evaluate check what
+costs no data reads (`checked_shards`: listed, present, footer readable, row count).
 """
 
 from __future__ import annotations
@@ -28,6 +35,11 @@ SPLITS = ("train", "validation")
 
 class DatasetError(ValueError):
     """Missing manifest, missing or corrupt shard."""
+
+
+# How every shard is written: zstd, and a CRC32 in each data page's header that readers
+# check (shards written before page checksums have none; they read as before, unchecked).
+WRITE_OPTIONS = {"compression": "zstd", "write_page_checksum": True}
 
 
 def arrow_schema(seq_len: int) -> pa.Schema:
@@ -72,9 +84,9 @@ def sha256_file(path: str | Path) -> str:
 
 class ShardWriter:
     """Buffers rows of one split and writes `{split}-{index:05d}-{part:03d}.parquet`
-    shards of at most `rows_per_shard` rows (zstd) into `out_dir` (local or URI), each
-    through a temporary name. `index` numbers the unit of work (an input range), so
-    the names, like the content, do not depend on which worker wrote them."""
+    shards of at most `rows_per_shard` rows (zstd, page checksums) into `out_dir` (local
+    or URI), each through a temporary name. `index` numbers the unit of work (an input
+    range), so the names, like the content, do not depend on which worker wrote them."""
 
     def __init__(self, out_dir: str | Path, split: str, rows_per_shard: int, index: int = 0):
         self.out_dir, self.split, self.rows_per_shard = str(out_dir), split, rows_per_shard
@@ -100,7 +112,7 @@ class ShardWriter:
         self.buffer, self.buffered = ([rest] if rest.num_rows else []), rest.num_rows
         name = shard_name(self.split, self.index, len(self.shards))
         buf = io.BytesIO()
-        pq.write_table(head, buf, compression="zstd", row_group_size=min(rows, 8192))
+        pq.write_table(head, buf, row_group_size=min(rows, 8192), **WRITE_OPTIONS)
         data = buf.getvalue()
         storage.write_bytes(storage.join(self.out_dir, name), data)
         labels = column_2d(head, "labels")
@@ -271,32 +283,88 @@ def plan_batches(files: list[str], batch_size: int) -> list[tuple[str, int, int]
     parity check) reads exactly these."""
     plan = []
     for f in files:
-        n = storage.parquet_file(f).metadata.num_rows
+        n = open_shard(f).metadata.num_rows
         plan += [(f, start, min(batch_size, n - start)) for start in range(0, n, batch_size)]
     return plan
 
 
 def read_batches(plan: list[tuple[str, int, int]]):
-    """The pyarrow tables of a `plan_batches` plan, each file read once."""
+    """The pyarrow tables of a `plan_batches` plan, each file read once (pages checked)."""
     table, current = None, None
     for f, start, n in plan:
         if f != current:
-            table, current = storage.parquet_file(f).read(), f
+            table, current = read_shard(f), f
         yield table.slice(start, n)
 
 
+def _reason(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def open_shard(path: str):
+    """A shard opened for reading (a pyarrow ParquetFile): its footer is read now, and
+    each data page's checksum is checked when the page is read. DatasetError naming the
+    shard when it is missing or its footer cannot be read (truncated, not Parquet)."""
+    try:
+        return storage.parquet_file(path, page_checksums=True)
+    except storage.StorageError as e:  # names the path
+        raise DatasetError(f"shard missing or unreadable: {_reason(e)}") from None
+    except (OSError, pa.ArrowException) as e:
+        raise DatasetError(f"corrupt shard (Parquet footer: {_reason(e)}): {path}") from None
+
+
+def read_shard(path: str, row_group: int | None = None) -> pa.Table:
+    """A shard's rows, all or one row group, every data page checked against its
+    checksum: a corrupt page raises DatasetError naming the shard (and the row group)
+    instead of handing wrong tokens to training or evaluation."""
+    pf = open_shard(path)
+    try:
+        return pf.read() if row_group is None else pf.read_row_group(row_group)
+    except (OSError, pa.ArrowException) as e:
+        where = "" if row_group is None else f"row group {row_group}: "
+        raise DatasetError(f"corrupt or unreadable shard ({where}{_reason(e)}; `mlm data verify` checks every "
+                           f"shard): {path}") from None
+
+
 def shard_paths(data_dir: str | Path, split: str, verify: bool = True) -> list[str]:
-    """Paths (absolute, or URIs) of a split's shards; with `verify`, each sha256 is
-    checked and a corrupt or missing shard raises an error naming it."""
+    """Paths (absolute, or URIs) of a split's shards, each checked to be there; with
+    `verify`, each sha256 is checked too, which reads the whole split (prepare before it
+    reuses a dataset, `mlm data verify`), and a corrupt shard raises an error naming it.
+    Train and evaluate use `checked_shards` instead."""
     manifest = Manifest.read(data_dir)
+    out = _present(data_dir, manifest, split)
+    for shard, path in zip(manifest.splits[split].shards, out if verify else []):
+        if storage.sha256(path) != shard.sha256:
+            raise DatasetError(f"corrupt shard (sha256 mismatch): {path}")
+    return out
+
+
+def _present(data_dir: str | Path, manifest: Manifest, split: str) -> list[str]:
+    """Paths of a split's shards, each found in one listing of the folder (on an object
+    store one request per 1,000 names, not one per shard); DatasetError naming the first
+    one missing."""
+    found = set(storage.list_names(data_dir))
     out = []
     for shard in manifest.splits[split].shards:
         path = storage.join(data_dir, shard.file)
-        if not storage.is_file(path):
+        if shard.file not in found:
             raise DatasetError(f"shard missing: {path}")
-        if verify and storage.sha256(path) != shard.sha256:
-            raise DatasetError(f"corrupt shard (sha256 mismatch): {path}")
         out.append(path)
+    return out
+
+
+def checked_shards(data_dir: str | Path, split: str, manifest: Manifest | None = None) -> list[str]:
+    """Paths of a split's shards, checked without reading their data: every shard the
+    manifest lists is there, its Parquet footer reads and holds the manifest's row count
+    (a truncated or extended file fails here, naming it). What train and
+    evaluate check before they start; the data pages are checked as they are read.
+    `manifest`: the dataset's, when the caller has read it already."""
+    manifest = Manifest.read(data_dir) if manifest is None else manifest
+    out = _present(data_dir, manifest, split)
+    for shard, path in zip(manifest.splits[split].shards, out):
+        rows = open_shard(path).metadata.num_rows
+        if rows != shard.rows:
+            raise DatasetError(f"corrupt shard ({rows} rows, the manifest lists {shard.rows}): {path}")
     return out
 
 

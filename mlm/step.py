@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Any, Callable, NamedTuple
 
 from mlm.compute import prediction_slots, ready
@@ -89,14 +90,21 @@ class StepResult(NamedTuple):
     grad_norm: Any  # a 0-d tensor: read it only when it is logged (reading waits for the GPU)
 
 
+def masked_lm_forward(model, inputs: dict[str, Any]):
+    """The pretraining loss of a micro-batch: the objective on its prediction slots."""
+    return model(inputs["input_ids"], inputs["attention_mask"], inputs["positions"], inputs["targets"])
+
+
 def train_step(model, optimizer, micro_batches: list[dict[str, Any]], *, lr: float, grad_clip: float, autocast,
-               dropout_seed: Callable[[int], int] | None = None) -> StepResult:
+               dropout_seed: Callable[[int], int] | None = None,
+               forward: Callable[[Any, dict[str, Any]], Any] = masked_lm_forward) -> StepResult:
     """One optimizer step: forward/backward over the step's micro-batches (gradient
     accumulation; under DDP gradients are all-reduced only on the last one), the learning
     rate set to `lr`, the global gradient norm clipped to `grad_clip` (0: not clipped,
     the norm is still measured), AdamW's update. Nothing here waits for the device: the
     losses and the norm are returned as tensors. The training loop and `mlm bench train`
-    both run exactly this. `dropout_seed(i)`: the seed set before micro-batch i."""
+    both run exactly this; fine-tuning too, with its own `forward(model, inputs) -> loss`.
+    `dropout_seed(i)`: the seed set before micro-batch i."""
     import torch
 
     losses, n = [], len(micro_batches)
@@ -107,7 +115,7 @@ def train_step(model, optimizer, micro_batches: list[dict[str, Any]], *, lr: flo
         last = i == n - 1
         with (model.no_sync() if (not last and hasattr(model, "no_sync")) else contextlib.nullcontext()):
             with autocast:  # bf16 matmuls on GPU; the loss itself is computed in float32
-                loss = model(inputs["input_ids"], inputs["attention_mask"], inputs["positions"], inputs["targets"])
+                loss = forward(model, inputs)
             (loss / n).backward()
         losses.append(loss.detach())
     for group in optimizer.param_groups:
@@ -116,7 +124,8 @@ def train_step(model, optimizer, micro_batches: list[dict[str, Any]], *, lr: flo
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(torch.stack(losses), sum(b["tokens"] for b in micro_batches),
-                      sum(b["predictions"] for b in micro_batches), sum(b["dropped"] for b in micro_batches), grad_norm)
+                      sum(b.get("predictions", 0) for b in micro_batches), sum(b.get("dropped", 0) for b in micro_batches),
+                      grad_norm)
 
 
 def dropout_seed(seed: int, step: int, rank: int, micro: int) -> int:
@@ -166,9 +175,10 @@ class MemoryMeter:
 
         if self.cuda:
             return int(torch.cuda.mem_get_info()[1])
-        import psutil
-
-        return int(psutil.Process().memory_info().rss + psutil.virtual_memory().available // 2)
+        page = os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/statm") as f:
+            resident = int(f.read().split()[1]) * page
+        return resident + os.sysconf("SC_AVPHYS_PAGES") * page // 2
 
 
 class MicroBatchFit(NamedTuple):

@@ -159,12 +159,17 @@ def open_input_file(path: str | os.PathLike):
         return fs.open_input_file(inner)
     except FileNotFoundError:
         raise StorageError(f"no such file: {path}") from None
+    except OSError as e:
+        raise StorageError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
 
 
-def parquet_file(path: str | os.PathLike):
+def parquet_file(path: str | os.PathLike, page_checksums: bool = True):
+    """A Parquet file for reading; only its footer is read here. With `page_checksums`,
+    every data page that carries a CRC32 (shards are written with them) is checked as it
+    is read, and a mismatch raises OSError; a file written without them reads as before."""
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(open_input_file(path))
+    return pq.ParquetFile(open_input_file(path), page_checksum_verification=page_checksums)
 
 
 def _tmp_name(path: str) -> str:

@@ -31,7 +31,7 @@ CHECKPOINT_MODEL = "model"
 CHECKPOINT_STATE = "train_state.pt"
 
 
-def _save_checkpoint(dir_: Path, model, optimizer, step: int, epoch: int, micro_batches: int, micro_batch_size: int) -> None:
+def save_checkpoint(dir_: Path, model, optimizer, step: int, epoch: int, micro_batches: int, micro_batch_size: int) -> None:
     """Weights (safetensors) + optimizer state + position. The learning rate is a
     function of the step, dropout draws are seeded per step, and the data position is
     `micro_batches` of `micro_batch_size` per worker: nothing else is needed to continue
@@ -319,7 +319,7 @@ def _report(w: _Worker, raw_model, optimizer, step: int, epoch: int, loss: float
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if w.is_rank0:
-            _save_checkpoint(Path(tmp), raw_model, optimizer, step, epoch, step * w.accumulation, w.micro_batch)
+            save_checkpoint(Path(tmp), raw_model, optimizer, step, epoch, step * w.accumulation, w.micro_batch)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({"step": step, "train_loss": loss, "epoch": epoch, "early_stopped": stop}, checkpoint=ckpt)
 
@@ -488,12 +488,12 @@ def train(
     ensure_ray()
     loop_config = _loop_config(data_dir, out_dir, manifest, tokenizer, cfg, mlflow_run_id)
     started = time.time()
-    with _train_progress(cfg.train.max_steps) as sink:
-        result = _trainer(loop_config | {"progress": sink}, out_dir, cfg).fit()
+    with train_progress(cfg.train.max_steps) as sink, worker_errors_as_ours():
+        result = torch_trainer(loop_config | {"progress": sink}, out_dir, cfg).fit()
     seconds = time.time() - started
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    model_dir = _export_model(result.checkpoint, tokenizer, storage.join(out_dir, "model"))
+    model_dir = export_model(result.checkpoint, tokenizer, storage.join(out_dir, "model"))
     metrics = dict(result.metrics or {})
     steps = int(metrics.get("step", cfg.train.max_steps))
     tokens_seen = steps * cfg.train.global_batch_size * manifest.seq_len
@@ -508,24 +508,46 @@ def train(
     }
 
 
-def _trainer(loop_config: dict[str, Any], out_dir: str, cfg: Config):
-    """Ray Train's TorchTrainer: the workers, DDP backend, checkpoints (kept in
-    `out_dir/ray`) and restarts after a failure."""
+@contextlib.contextmanager
+def worker_errors_as_ours():
+    """A worker that failed on bad input (a corrupt shard page: `shards.DatasetError`)
+    fails `train` with that error, not Ray Train's WorkerGroupError around it: the CLI
+    then prints its one line, naming the shard, and exits 2."""
+    from ray.train import TrainingFailedError
+
+    try:
+        yield
+    except TrainingFailedError as e:
+        for failure in (getattr(e, "worker_failures", None) or {}).values():
+            cause = getattr(failure, "cause", None) or failure  # Ray's RayTaskError keeps the worker's exception
+            if isinstance(cause, shards.DatasetError):
+                raise shards.DatasetError(str(cause).strip().splitlines()[-1]) from e
+        raise
+
+
+def torch_trainer(loop_config: dict[str, Any], out_dir: str, cfg: Config, loop=None, name: str = "train"):
+    """Ray Train's TorchTrainer running `loop` (default: pretraining's
+    `train_loop_per_worker`; fine-tuning passes its own) on `train.num_workers` workers:
+    the DDP backend, checkpoints (kept in `out_dir/ray/NAME`) and restarts after a
+    failure. The process group's store and gloo listen on the node's own address,
+    loopback on the embedded Ray (`mlm.process_group`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from mlm.process_group import BoundTorchConfig
 
     return TorchTrainer(
-        train_loop_per_worker,
+        loop or train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cpus_per_worker(cfg)} | ({"GPU": cfg.train.gpus_per_worker} if cfg.train.use_gpu else {}),
         ),
-        torch_config=TorchConfig(backend=backend(cfg.train)),
+        torch_config=BoundTorchConfig(backend=backend(cfg.train)),
         run_config=RunConfig(
             storage_path=storage.join(out_dir, "ray"),
-            name="train",
+            name=name,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
@@ -546,7 +568,7 @@ class _ProgressSink:
 
 
 @contextlib.contextmanager
-def _train_progress(max_steps: int):
+def train_progress(max_steps: int):
     """The train stage's progress line, drawn here from rank 0's steps (workers' output
     reaches the driver only when verbose); yields the sink to hand to the workers (None
     when progress is off)."""
@@ -594,7 +616,9 @@ def _check_inputs(data_dir: str, cfg: Config):
     from mlm.tokenizer import fingerprint, load_tokenizer
 
     manifest = shards.Manifest.read(data_dir)
-    shards.shard_paths(data_dir, "train", verify=True)  # refuses a corrupt shard by name
+    # refuses a missing, truncated or swapped shard by name without reading its data (the
+    # pages are checked as the workers read them; the full sha256 pass is `mlm data verify`)
+    shards.checked_shards(data_dir, "train", manifest)
     if manifest.seq_len > cfg.model.max_position_embeddings:
         raise shards.DatasetError(
             f"the data's seq_len {manifest.seq_len} exceeds model.max_position_embeddings "
@@ -622,7 +646,7 @@ def _loop_config(data_dir: str, out_dir: str, manifest, tokenizer, cfg: Config, 
 
     return {
         "row_groups": [vars(g) for g in row_groups(shards.shard_paths(data_dir, "train", verify=False))],
-        "validation_files": shards.shard_paths(data_dir, "validation", verify=True),
+        "validation_files": shards.checked_shards(data_dir, "validation", manifest),
         "seq_len": manifest.seq_len,
         # JSON lines of rank 0's metrics, when the run folder is local (MLflow has them too)
         "log_file": None if storage.is_uri(out_dir) else storage.join(out_dir, "train_log.jsonl"),
@@ -639,12 +663,17 @@ def _loop_config(data_dir: str, out_dir: str, manifest, tokenizer, cfg: Config, 
     }
 
 
-def _export_model(checkpoint, tokenizer, model_dir: str) -> str:
-    """The final checkpoint's weights + the tokenizer, committed to `model_dir` (local:
+def export_model(checkpoint, tokenizer, model_dir: str) -> str:
+    """The final checkpoint's weights + the tokenizer (its `model_max_length` the
+    model's positions: `mlm.model.fit_tokenizer`), committed to `model_dir` (local:
     renamed into place; URI: uploaded with config.json last)."""
+    from transformers import AutoConfig
+
+    from mlm.model import fit_tokenizer
+
     with tempfile.TemporaryDirectory(prefix="mlm-export-") as tmp:
         local = os.path.join(tmp, "model")
         with checkpoint.as_directory() as d:
             shutil.copytree(os.path.join(d, CHECKPOINT_MODEL), local)
-        tokenizer.save_pretrained(local)
+        fit_tokenizer(tokenizer, AutoConfig.from_pretrained(local)).save_pretrained(local)
         return storage.put_dir(local, model_dir, marker="config.json")

@@ -396,12 +396,17 @@ def nccl_probe(wait_s: float = 45.0) -> dict[str, Any]:
 
 
 def _probe_rank(rank: int, port: int, answers) -> None:
+    import socket
+
     import torch
     import torch.distributed as dist
 
     try:
         torch.cuda.set_device(0)
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        # the store on loopback only (a tcp:// init method would listen on every interface)
+        fd = socket.create_server(("127.0.0.1", port)).detach() if rank == 0 else None
+        store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, master_listen_fd=fd)
+        dist.init_process_group("nccl", store=store, rank=rank, world_size=2)
         t = torch.ones(1, device="cuda")
         dist.all_reduce(t)
         torch.cuda.synchronize()

@@ -47,8 +47,8 @@ def _batches(data_dir: Path, micro: int, count: int, masker=None) -> list[dict[s
     out: list[dict[str, np.ndarray]] = []
     seed = masker.spec["seed"] if masker else 0
     while len(out) < count:
-        for path in shards.shard_paths(data_dir, "train"):
-            for batch in storage.parquet_file(path).iter_batches(batch_size=micro):
+        for path in shards.checked_shards(data_dir, "train"):
+            for batch in shards.open_shard(path).iter_batches(batch_size=micro):
                 if batch.num_rows == micro:
                     out.append(batch_arrays(batch, masker, seed))
                 if len(out) == count:

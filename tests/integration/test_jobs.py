@@ -202,8 +202,21 @@ def test_jobs_list_and_logs(submitted):
     logs = _mlm(["jobs", "logs", JOB_ID, "--address", cluster.dashboard], env, timeout=120)
     assert logs.returncode == 0, logs.stderr
     assert "registry  submitted v1 -> @champion" in logs.stdout
+    rows = json.loads(_mlm(["jobs", "list", "--address", cluster.dashboard, "--json"], env, timeout=120).stdout)
+    assert any(r["submission_id"] == JOB_ID and r["status"] == "SUCCEEDED" for r in rows)
     missing = _mlm(["jobs", "logs", "no-such-job", "--address", cluster.dashboard], env, timeout=120)
     assert missing.returncode == 2 and "no job 'no-such-job'" in missing.stderr
+
+
+def test_the_address_given_is_the_one_contacted(submitted):
+    """Ray's job client prefers RAY_API_SERVER_ADDRESS / RAY_ADDRESS to the address it is
+    given: with both pointing at a port nobody listens on, --address still reaches the
+    cluster (on main it contacted the dead port while mlm reported --address)."""
+    _, env, cluster = submitted
+    elsewhere = {**env, "RAY_ADDRESS": "http://127.0.0.1:9", "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:9"}
+    listed = _mlm(["jobs", "list", "--address", cluster.dashboard], elsewhere, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert any(ln.startswith(JOB_ID) for ln in listed.stdout.splitlines())
 
 
 def test_submission_without_the_token_is_refused(submitted):

@@ -279,6 +279,9 @@ def test_cli_models_and_ui_over_rest(model_dirs, store):
     assert NAME in [m["name"] for m in json.loads(out.stdout)]
     show = subprocess.run(["mlm", "models", "show", NAME], capture_output=True, text=True, env=env, timeout=120)
     assert show.returncode == 0 and show.stdout.startswith("v") and "champion" in show.stdout.splitlines()[0]
+    shown = subprocess.run(["mlm", "models", "show", NAME, "--json"], capture_output=True, text=True, env=env, timeout=120)
+    doc = json.loads(shown.stdout)  # one JSON document, nothing before it (the prose line is its "why")
+    assert shown.returncode == 0 and "champion" in doc["why"] and doc["aliases"]
     bad = subprocess.run(["mlm", "models", "show", "no-such-model"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("mlm: error:")
 

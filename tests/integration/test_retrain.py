@@ -109,3 +109,34 @@ def test_new_data_worse_model_leaves_the_champion(first, corpus_dir, ray_cluster
     assert len(manifest["increments"]) == 2  # the new file was appended, the first not prepared again
     # and once more: nothing new since the completed run
     assert retrain([str(corpus_dir / "corpus")], cfg)["status"] == "nothing_new"
+
+
+def test_retrain_keeps_the_champions_preset_and_name(first, corpus_dir, ray_cluster):
+    """A retrain without --preset trains what is in production: the config the champion
+    was trained with (here the `small` preset, L4/H512, not the CLI's default tiny), under
+    the same registered name, warm-started from it."""
+    from mlm.model import load_model_dir
+    from mlm.resolve import resolve_model_dir
+    from mlm.retrain import retrain, retrain_config
+
+    name = f"{NAME}-small"
+    sets = ["train.use_gpu=false", "train.num_workers=1", "train.micro_batch_size=16", "train.global_batch_size=16",
+            "train.max_steps=3", "train.warmup_steps=1", "train.checkpoint_every=100", "tokenizer.vocab_size=2000",
+            f"registry.model_name={name}"]
+    cfg, origin = retrain_config("small", sets)
+    assert origin == "preset small"
+    assert retrain([str(corpus_dir / "corpus")], cfg)["registered"]["version"] == "1"
+    (corpus_dir / "corpus" / "c.jsonl").write_text((corpus_dir / "later.jsonl").read_text(encoding="utf-8")[:20000]
+                                                     .rsplit("\n", 1)[0] + "\n", encoding="utf-8")
+    again, origin = retrain_config(None, [], model=name)
+    assert origin == f"the config of {name} v1 (champion)"
+    assert again.registry.model_name == name and again.model.hidden_size == 512 and again.model.num_layers == 4
+    assert again.train.max_steps == 3 and again.model.init_from is None
+    result = retrain([str(corpus_dir / "corpus")], again)
+    assert result["status"] == "registered" and result["registered"]["name"] == name
+    assert result["registered"]["version"] == "2" and result["init"] == f"models:/{name}/1"
+    model, _ = load_model_dir(resolve_model_dir(f"models:/{name}/2"))
+    assert model.config.hidden_size == 512
+    # no champion yet: the default preset, under the given name
+    cfg, origin = retrain_config(None, [], model="never-registered")
+    assert cfg.registry.model_name == "never-registered" and "has no champion yet" in origin

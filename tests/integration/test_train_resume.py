@@ -62,11 +62,21 @@ def uninterrupted(data_dir, tmp_path_factory):
     return _losses(_log(run)), _log(run)
 
 
-def _train_workers() -> list[int]:
+def _is_train_worker(proc) -> bool:
     import psutil
 
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if p.info["cmdline"] and "RayTrainWorker" in " ".join(p.info["cmdline"])]
+    try:
+        return "RayTrainWorker" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+
+
+def _train_workers() -> list[int]:
+    """The Ray Train workers of this session's own Ray instance: descendants of this
+    process (it started the instance), never another run's on the same machine."""
+    import psutil
+
+    return [p.pid for p in psutil.Process().children(recursive=True) if _is_train_worker(p)]
 
 
 def test_sigkilled_worker_resumes_from_checkpoint_exactly(data_dir, uninterrupted, tmp_path):
@@ -119,14 +129,15 @@ def _mlflow_losses(tracking_uri: str, experiment: str) -> list[tuple[int, int, f
 
 
 def _worker_on(home: str) -> list[int]:
-    """Ray Train workers of the node whose MLM_HOME is `home` (workers inherit it)."""
+    """Ray Train workers of the node whose MLM_HOME is `home` (workers inherit it; the
+    folder is this session's own, so no other run's worker matches)."""
     import psutil
 
     out = []
-    for pid in _train_workers():
+    for proc in psutil.process_iter():
         try:
-            if psutil.Process(pid).environ().get("MLM_HOME") == home:
-                out.append(pid)
+            if _is_train_worker(proc) and proc.environ().get("MLM_HOME") == home:
+                out.append(proc.pid)
         except psutil.Error:
             pass
     return out
@@ -154,7 +165,7 @@ def test_killed_worker_on_second_node_resumes_from_s3(data_dir, uninterrupted, r
         # Past step 12 and its checkpoint registered by the controller, on S3.
         if done and max(done) >= 14 and storage.is_file(snapshot):
             victims = _worker_on(ray_two_nodes.homes["worker"])
-            assert len(victims) == 1, (victims, _train_workers())
+            assert len(victims) == 1, victims
             killed = victims[0]
             os.kill(killed, signal.SIGKILL)
         time.sleep(0.5)

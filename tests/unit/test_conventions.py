@@ -71,3 +71,20 @@ def test_no_blanket_warning_filters():
     filters = pyproject["tool"]["pytest"]["ini_options"]["filterwarnings"]
     assert {"error::DeprecationWarning:mlm", "error::FutureWarning:mlm"} <= set(filters)
     assert not [f for f in filters if f.startswith("ignore::") and f.count(":") < 3], filters
+
+
+def test_private_ray_names_come_with_a_pinned_ray():
+    """mlm uses a few Ray names outside its public API (ray._private...); a minor Ray
+    release may move them, so the Ray requirement admits one minor series only."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    private = _holders(r"ray\._private|ray\.train\.torch\.config\._|from ray\._")
+    (ray,) = [Requirement(r) for r in tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["project"]
+              ["dependencies"] if Requirement(r).name == "ray"]
+    lowest = min(Version(s.version) for s in ray.specifier if s.operator == ">=")
+    if private:
+        next_minor = Version(f"{lowest.major}.{lowest.minor + 1}")
+        assert not ray.specifier.contains(next_minor), (private, str(ray.specifier))

@@ -44,11 +44,12 @@ SERVICE_USER_SCRIPT = DEPLOY / "aws" / "mlflow_service_user.py"
 
 # `mlm` subcommands a deployment may run. Checked by name always, and parsed by click
 # when the installed CLI has them (some are written concurrently with these manifests).
-KNOWN_SUBCOMMANDS = {"pipeline", "prepare", "train", "retrain", "submit", "evaluate"}
+KNOWN_SUBCOMMANDS = {"pipeline", "prepare", "train", "retrain", "submit", "evaluate", "serve"}
 ALLOWED_KINDS = {
     ("ray.io/v1", "RayCluster"),
     ("ray.io/v1", "RayJob"),
     ("ray.io/v1", "RayCronJob"),
+    ("ray.io/v1", "RayService"),
     ("batch/v1", "CronJob"),
     ("v1", "PersistentVolumeClaim"),
     ("apps/v1", "Deployment"),
@@ -107,6 +108,8 @@ def _pod_specs(doc: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
             yield from _pod_specs({"kind": "RayCluster", "spec": job["rayClusterSpec"]})
         if "submitterPodTemplate" in job:
             yield job["submitterPodTemplate"]["spec"]
+    elif kind == "RayService":
+        yield from _pod_specs({"kind": "RayCluster", "spec": spec["rayClusterConfig"]})
     elif kind == "CronJob":
         yield spec["jobTemplate"]["spec"]["template"]["spec"]
     elif kind == "Deployment":
@@ -176,7 +179,7 @@ def _entrypoints() -> List[Tuple[str, List[str]]]:
 # --------------------------------------------------------------------------
 def test_expected_manifests_exist():
     names = {p.name for p in _manifest_files()}
-    assert {"raycluster.yaml", "rayjob-pipeline.yaml", "raycronjob-retrain.yaml"} <= names
+    assert {"raycluster.yaml", "rayjob-pipeline.yaml", "raycronjob-retrain.yaml", "rayservice-serve.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", _manifest_files(), ids=lambda p: p.name)
@@ -769,3 +772,111 @@ def test_mlflow_server_is_reachable_only_from_this_project():
     rc = _raycluster()
     for tmpl in [rc["spec"]["headGroupSpec"]["template"]] + [g["template"] for g in rc["spec"]["workerGroupSpecs"]]:
         assert tmpl["metadata"]["labels"]["app.kubernetes.io/name"] == "mlm"
+
+
+def _mlm_args(argv: List[str], sub: str) -> List[str]:
+    """The arguments after `mlm [submit ...] SUB` (`pipeline run` counts as one)."""
+    i = argv.index(sub)
+    return argv[i + 2:] if sub == "pipeline" else argv[i + 1:]
+
+
+def _config_of(args: List[str]):
+    from mlm.config import load_config
+
+    preset = args[args.index("--preset") + 1] if "--preset" in args else None
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    return preset, load_config(preset, sets)
+
+
+def test_every_retrain_trains_the_pipelines_model():
+    """The nightly retrain (RayCronJob, CronJob, crontab) names the pipeline job's preset:
+    without it `mlm retrain` took the CLI's default, tiny (CPU-only, registered as
+    mlm-tiny), and never updated the production model or started a GPU worker."""
+    (pipeline,) = [argv for _, argv in _entrypoints() if "pipeline" in argv]
+    preset, production = _config_of(_mlm_args(pipeline, "pipeline"))
+    retrains = [argv for _, argv in _entrypoints() if "retrain" in argv]
+    retrains.append(shlex.split(_cron_job_line()[1].partition(" >> ")[0].replace("\\%", "%")))
+    assert len(retrains) == 3
+    for argv in retrains:
+        got_preset, cfg = _config_of(_mlm_args(argv, "retrain"))
+        assert got_preset == preset, argv
+        assert cfg.registry.model_name == production.registry.model_name
+        assert cfg.model == production.model and cfg.train.use_gpu == production.train.use_gpu
+        assert cfg.paths == production.paths
+
+
+# --------------------------------------------------------------------------
+# the RayService: `mlm serve` on a cluster of its own
+# --------------------------------------------------------------------------
+# spec fields of KubeRay's RayService CRD (ray.io/v1, KubeRay 1.6)
+RAYSERVICE_SPEC_FIELDS = {
+    "serveConfigV2", "rayClusterConfig", "serveService", "upgradeStrategy", "excludeHeadPodFromServeSvc",
+    "rayClusterDeletionDelaySeconds", "serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold",
+}
+
+
+def _rayservice() -> Dict[str, Any]:
+    (svc,) = _of_kind("RayService")
+    return svc
+
+
+def _serve_application() -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(the Serve config file, its one application)."""
+    config = yaml.safe_load(_rayservice()["spec"]["serveConfigV2"])
+    (app,) = config["applications"]
+    return config, app
+
+
+def _serve_argv(args: Dict[str, Any]) -> List[str]:
+    """The application's args as the `mlm serve` command line they stand for."""
+    argv = ["mlm", "serve"]
+    for key in ("model", "task", "preset"):
+        if key in args:
+            argv += [f"--{key}", str(args[key])]
+    for item in args.get("set", []):
+        argv += ["--set", item]
+    return argv
+
+
+def test_rayservice_cluster_has_token_auth_and_the_secrets():
+    svc = _rayservice()
+    assert set(svc["spec"]) <= RAYSERVICE_SPEC_FIELDS, set(svc["spec"]) - RAYSERVICE_SPEC_FIELDS
+    cluster = svc["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == ray.__version__
+    assert cluster["authOptions"]["mode"] == "token"
+    for tmpl in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        assert tmpl["metadata"]["labels"]["app.kubernetes.io/name"] == "mlm"  # the MLflow NetworkPolicy admits these
+    containers = list(_containers(svc))
+    assert containers
+    for c in containers:
+        assert [e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e] == ["mlm-mlflow"]
+        env = {e["name"]: e for e in c.get("env", [])}
+        assert env["MLM_SERVE_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "mlm-serve", "key": "token"}
+
+
+def test_rayservice_serves_the_pipelines_model_with_a_token(monkeypatch):
+    """The application is `mlm serve` (its builder takes the CLI's options, parsed here by
+    the real CLI) on the pipeline job's model; the proxy's host and port are the ones the
+    token rule checks, and off loopback the application refuses to start without the token."""
+    import importlib
+
+    from mlm.serve.app import BUILD_ARGS, plan_from_args
+    from mlm.serve.model import ServeError
+
+    config, app = _serve_application()
+    module, _, attr = app["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    args = app["args"]
+    assert set(args) <= set(BUILD_ARGS), set(args) - set(BUILD_ARGS)
+    _check_mlm_command(_serve_argv(args))
+    (pipeline,) = [argv for _, argv in _entrypoints() if "pipeline" in argv]
+    preset, production = _config_of(_mlm_args(pipeline, "pipeline"))
+    monkeypatch.setenv("MLM_SERVE_TOKEN", "from-the-secret")
+    plan = plan_from_args(args)
+    assert args["preset"] == preset
+    assert plan.ref == f"models:/{production.registry.model_name}@champion"
+    assert (plan.cfg.serve.host, plan.cfg.serve.port) == (config["http_options"]["host"], config["http_options"]["port"])
+    assert plan.token == "from-the-secret" and not plan.loopback
+    monkeypatch.delenv("MLM_SERVE_TOKEN")
+    with pytest.raises(ServeError, match="not loopback"):
+        plan_from_args(args)
