@@ -101,7 +101,7 @@ def _score_on_ray(model: str, manifest: shards.Manifest, plan: list[tuple[str, i
     import ray
 
     from mlm.compute import gpu_actors
-    from mlm.runtime import ensure_ray, quiet_ray_data
+    from mlm.runtime import ensure_ray, map_on_actors, quiet_ray_data
 
     ensure_ray()
     quiet_ray_data()
@@ -111,8 +111,9 @@ def _score_on_ray(model: str, manifest: shards.Manifest, plan: list[tuple[str, i
     except RuntimeError as e:
         raise EvalError(str(e)) from None
     size = gpus or max(1, min(len(items), int(ray.cluster_resources().get("CPU", 1))))
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _RayScorer, fn_constructor_kwargs={"model": model, "manifest": manifest}, batch_size=1, batch_format="numpy",
+    ds = map_on_actors(
+        ray.data.from_items(items, override_num_blocks=len(items)), _RayScorer,
+        fn_constructor_kwargs={"model": model, "manifest": manifest}, batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=size), num_gpus=1 if gpus else 0,
     )
     total: dict[str, dict[str, float]] = {}

@@ -159,7 +159,7 @@ def predict_file(model: str, input_path: str, out_path: str, task: str = "fill-m
 
     from mlm import storage
     from mlm.model import resolve_model_dir
-    from mlm.runtime import ensure_ray, quiet_ray_data
+    from mlm.runtime import ensure_ray, map_on_actors, quiet_ray_data
 
     if task not in ("fill-mask", "embed", "classify"):
         raise PredictError(f"unknown task {task!r}; expected fill-mask, embed or classify")
@@ -183,8 +183,8 @@ def predict_file(model: str, input_path: str, out_path: str, task: str = "fill-m
     except RuntimeError as e:
         raise PredictError(str(e)) from None
     ds = ray.data.read_text(input_path) if storage.is_uri(input_path) else _local_lines(input_path)
-    ds = ds.map_batches(
-        _BatchPredictor, fn_constructor_kwargs={"model_dir": model if remote_model else model_dir, "task": task,
+    ds = map_on_actors(
+        ds, _BatchPredictor, fn_constructor_kwargs={"model_dir": model if remote_model else model_dir, "task": task,
                                                 "top_k": top_k},
         # Leave a CPU for the read tasks, or the actors hold every CPU and the read never runs.
         batch_size=batch_size * (4 if gpus else 1), num_gpus=1 if gpus else 0,

@@ -456,13 +456,16 @@ def _run_stage(out_dir: str, ranges, nbytes: list[int], skips, first: int, token
     import ray
     from ray.data import ActorPoolStrategy
 
+    from mlm.runtime import map_on_actors
+
     jobs = ray.data.from_items(
         [{"index": first + i, "range": r.to_dict(), "skip": skips[i], "bytes": nbytes[i]} for i, r in enumerate(ranges)],
         override_num_blocks=len(ranges),
     )
     cpus = int(ray.cluster_resources().get("CPU", 1))
     pool = max(1, min(len(ranges), cpus))
-    summaries = jobs.map_batches(
+    summaries = map_on_actors(
+        jobs,
         TokenizePackMask,
         fn_constructor_kwargs={
             "tokenizer_json": _ByRef.put((tokenizer_json, maskers)), "data_cfg": cfg.data.model_dump(), "maskers": {},

@@ -89,6 +89,48 @@ def quiet_libraries() -> None:
 
 
 LOCAL_ENV: dict[str, str] = {}  # what the local instance this process started was given
+_ONE_MACHINE = False  # the Ray instance in use is on this machine's loopback (started here or joined)
+_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+class _TokenNotice(logging.Filter):
+    """Drops Ray's notice that token authentication is on (it is what mlm wants); its
+    warning that authentication is off still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+
+def _quiet_token_notice() -> None:
+    """Ray's "Token authentication is enabled for this Ray cluster" on every start, at
+    its source (the logger that emits it), unless verbose."""
+    token_logger = logging.getLogger(_TOKEN_LOGGER)
+    ours = [f for f in token_logger.filters if isinstance(f, _TokenNotice)]
+    if verbose():
+        for f in ours:
+            token_logger.removeFilter(f)
+    elif not ours:
+        token_logger.addFilter(_TokenNotice())
+
+
+def map_on_actors(ds, fn, **kwargs):
+    """`ds.map_batches(fn, compute=ActorPoolStrategy(...), **kwargs)` as the stages run
+    their actor pools. On a Ray instance on this machine's loopback (started here, or a
+    local cluster joined by RAY_ADDRESS), actors are not restarted (`max_restarts=0`,
+    the switch Ray Data documents): a dead actor there means the machine is in trouble,
+    and restartable actors whose constructor arguments sit in the object store make
+    Ray's core worker print a warning on every run (ray-project/ray#53727). On a
+    cluster, and when verbose, Ray Data's default (restart for ever) stays. Ray Data
+    2.60 takes max_restarts only as a free remote argument, which it calls deprecated
+    (removal announced for 2.64; ray is pinned to 2.60.x, test_conventions): that one
+    warning is ignored here, for this call."""
+    import warnings
+
+    if not (_ONE_MACHINE and not verbose()):
+        return ds.map_batches(fn, **kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+        return ds.map_batches(fn, **kwargs, max_restarts=0)
 
 
 def ensure_ray(dashboard: bool = True, env: dict[str, str] | None = None) -> None:
@@ -104,6 +146,7 @@ def ensure_ray(dashboard: bool = True, env: dict[str, str] | None = None) -> Non
 
     if ray.is_initialized():
         return
+    _quiet_token_notice()
     address = os.environ.get("RAY_ADDRESS")
     if address:
         _connect(address)
@@ -124,6 +167,8 @@ def ensure_ray(dashboard: bool = True, env: dict[str, str] | None = None) -> Non
     # prestarted worker from being used: ~1.5 s more before the first task runs.) This
     # process keeps its own environment.
     env = env or {}
+    global _ONE_MACHINE
+    _ONE_MACHINE = True
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLM_HOME", _LOCAL_ONLY, *env)}
     saved_flag = ray_constants.ENABLE_RAY_CLUSTER
     os.environ.update({"MLFLOW_TRACKING_URI": tracking_uri(), "MLM_HOME": str(work_dir()), _LOCAL_ONLY: "0", **env})
@@ -153,14 +198,12 @@ def ensure_ray(dashboard: bool = True, env: dict[str, str] | None = None) -> Non
 
 
 def _is_loopback_address(address: str) -> bool:
-    """Is `host:port` (a GCS address, as RAY_ADDRESS gives it) on this machine's loopback?"""
+    """Is `host:port` (a GCS address, as RAY_ADDRESS gives it) 127.0.0.1 (or localhost),
+    the address a local instance registers its node under? Other loopback addresses
+    (127.0.0.2, as a multi-node test cluster uses) are not rewritten by Ray, which finds
+    the driver's node by itself there."""
     host = address.rsplit(":", 1)[0].strip("[]") if ":" in address and "://" not in address else ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return host in ("localhost", LOOPBACK)
 
 
 def _connect(address: str) -> None:
@@ -177,10 +220,12 @@ def _connect(address: str) -> None:
         return
     from ray._private import ray_constants
 
+    global _ONE_MACHINE
     saved_flag = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         ray.init(**kwargs, _node_ip_address=LOOPBACK)
+        _ONE_MACHINE = True
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
 

@@ -28,3 +28,10 @@ def ray_cluster(work):
     ensure_ray(env=local_env("haproxy", LOOPBACK, work / "serve"))  # as `mlm serve` starts one
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_cluster):
+    """The session cluster's address, for subprocesses (`mlm ...` as a user runs it with
+    RAY_ADDRESS): they join it, token included, instead of starting a Ray of their own."""
+    return ray_cluster.get_runtime_context().gcs_address
