@@ -136,12 +136,9 @@ def map_on_actors(ds, fn, **kwargs):
 def ensure_ray(dashboard: bool = True, env: dict[str, str] | None = None) -> None:
     """Connect to RAY_ADDRESS, or start a local instance bound to loopback. `dashboard`:
     whether a local instance runs the dashboard (its State API is what Ray Train relies
-    on; `mlm prepare` alone does without, ~2 s of start-up and a busy process less).
-    `env`: settings for the processes of a local instance (Ray reads its libraries'
-    switches from the environment: `mlm serve`'s ingress); kept in `LOCAL_ENV`.
-    Workers' stdout/stderr reach this process only when verbose (`MLM_LOG=debug`):
-    their failures come back as exceptions anyway, and their logs stay in Ray's session
-    folder."""
+    on; `mlm prepare` alone does without). `env`: settings for a local instance's
+    processes (`mlm serve`'s ingress), kept in `LOCAL_ENV`. Workers' output reaches this
+    process only when verbose (`MLM_LOG=debug`); their logs stay in the session folder."""
     import ray
 
     if ray.is_initialized():

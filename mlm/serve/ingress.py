@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import shlex
 import socket
-import stat
 from pathlib import Path
 
 INGRESSES = ("haproxy", "proxy")
@@ -53,20 +52,20 @@ def _free_port(host: str) -> int:
 def write_wrapper(folder: Path, binary: str, host: str) -> Path:
     """An executable that rewrites `bind *:PORT` / `bind :PORT` in the configuration Ray
     passes (-f FILE) to `bind HOST:PORT`, then runs `binary` with the same arguments."""
-    folder.mkdir(parents=True, exist_ok=True)
+    from mlm.storage import output_file
+
     bind = f"[{host}]" if ":" in host else host
     path = folder / WRAPPER
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        "#!/bin/sh\n"
-        "# mlm: Ray's HAProxy configuration binds its stats and metrics frontends to every\n"
-        "# interface; bind them to the node's address (mlm/serve/ingress.py).\n"
-        'prev=""\nfor a in "$@"; do\n'
-        f'  if [ "$prev" = "-f" ]; then sed -i -E \'s/^([[:space:]]*bind )\\*?:([0-9]+)[[:space:]]*$/\\1{bind}:\\2/\' "$a"; fi\n'
-        '  prev="$a"\ndone\n'
-        f'exec {shlex.quote(binary)} "$@"\n')
-    tmp.chmod(tmp.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    os.replace(tmp, path)
+    with output_file(path) as tmp:
+        Path(tmp).write_text(
+            "#!/bin/sh\n"
+            "# mlm: Ray's HAProxy configuration binds its stats and metrics frontends to every\n"
+            "# interface; bind them to the node's address (mlm/serve/ingress.py).\n"
+            'prev=""\nfor a in "$@"; do\n'
+            f'  if [ "$prev" = "-f" ]; then sed -i -E \'s/^([[:space:]]*bind )\\*?:([0-9]+)[[:space:]]*$/\\1{bind}:\\2/\' "$a"; fi\n'
+            '  prev="$a"\ndone\n'
+            f'exec {shlex.quote(binary)} "$@"\n')
+        os.chmod(tmp, 0o755)
     return path
 
 
