@@ -380,13 +380,13 @@ def test_onnx_export_matches_pytorch_on_the_evaluation_set(result, work, tmp_pat
     assert code == 2 and "not an empty folder" in err and "Traceback" not in err
 
 
-def test_batch_predict_with_ray_data(result, work, tmp_path):
-    """`mlm predict`: fill-mask and embeddings over a file, answers in input order."""
+def test_batch_predict_with_ray_data(result, work, tmp_path, ray_address):
+    """`mlm predict`: fill-mask and embeddings over a file, answers in input order; the
+    command joins the session's Ray cluster through RAY_ADDRESS, as on a user's cluster."""
     src = tmp_path / "in.txt"
     lines = [f"the [MASK] value number {i}." for i in range(150)] + ["no mask here"]
     src.write_text("\n".join(lines) + "\n")
-    env = {**_env(work), "MLM_PROGRESS": "0"}
-    env.pop("RAY_ADDRESS", None)
+    env = {**_env(work), "MLM_PROGRESS": "0", "RAY_ADDRESS": ray_address}
     uri = f"models:/{result['registered']['name']}/{result['registered']['version']}"  # resolved by each actor
     for task, model in (("fill-mask", uri), ("embed", result["model_dir"])):
         out = tmp_path / f"{task}.jsonl"

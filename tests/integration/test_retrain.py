@@ -39,10 +39,11 @@ def corpus_dir(work, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def first(work, corpus_dir):
-    """Two triggers started at the same moment, as two processes."""
-    env = {**os.environ, "MLM_HOME": str(work), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "MLM_PROGRESS": "0"}
-    env.pop("RAY_ADDRESS", None)
+def first(work, corpus_dir, ray_address):
+    """Two triggers started at the same moment, as two processes, both joining the
+    session's Ray cluster (RAY_ADDRESS)."""
+    env = {**os.environ, "MLM_HOME": str(work), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+           "MLM_PROGRESS": "0", "RAY_ADDRESS": ray_address}
     cmd = [sys.executable, "-m", "mlm", "retrain", "--input", str(corpus_dir / "corpus"), "--preset", "tiny",
            *itertools.chain.from_iterable(("--set", s) for s in BASE)]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -113,8 +114,9 @@ def test_new_data_worse_model_leaves_the_champion(first, corpus_dir, ray_cluster
 
 def test_retrain_keeps_the_champions_preset_and_name(first, corpus_dir, ray_cluster):
     """A retrain without --preset trains what is in production: the config the champion
-    was trained with (here the `small` preset, L4/H512, not the CLI's default tiny), under
-    the same registered name, warm-started from it."""
+    was trained with (here the `small` preset, with a narrower model than its L4/H512 to
+    keep the test short, not the CLI's default tiny), under the same registered name,
+    warm-started from it."""
     from mlm.model import load_model_dir
     from mlm.resolve import resolve_model_dir
     from mlm.retrain import retrain, retrain_config
@@ -122,6 +124,7 @@ def test_retrain_keeps_the_champions_preset_and_name(first, corpus_dir, ray_clus
     name = f"{NAME}-small"
     sets = ["train.use_gpu=false", "train.num_workers=1", "train.micro_batch_size=16", "train.global_batch_size=16",
             "train.max_steps=3", "train.warmup_steps=1", "train.checkpoint_every=100", "tokenizer.vocab_size=2000",
+            "model.hidden_size=96", "model.num_heads=3", "model.intermediate_size=192",
             f"registry.model_name={name}"]
     cfg, origin = retrain_config("small", sets)
     assert origin == "preset small"
@@ -130,13 +133,14 @@ def test_retrain_keeps_the_champions_preset_and_name(first, corpus_dir, ray_clus
                                                      .rsplit("\n", 1)[0] + "\n", encoding="utf-8")
     again, origin = retrain_config(None, [], model=name)
     assert origin == f"the config of {name} v1 (champion)"
-    assert again.registry.model_name == name and again.model.hidden_size == 512 and again.model.num_layers == 4
+    assert again.registry.model_name == name and again.model.hidden_size == 96 and again.model.num_layers == 4
+    assert again.train.micro_batch_size == 16 and again.tokenizer.vocab_size == 2000  # the champion's, not tiny's
     assert again.train.max_steps == 3 and again.model.init_from is None
     result = retrain([str(corpus_dir / "corpus")], again)
     assert result["status"] == "registered" and result["registered"]["name"] == name
     assert result["registered"]["version"] == "2" and result["init"] == f"models:/{name}/1"
     model, _ = load_model_dir(resolve_model_dir(f"models:/{name}/2"))
-    assert model.config.hidden_size == 512
+    assert model.config.hidden_size == 96 and model.config.num_hidden_layers == 4
     # no champion yet: the default preset, under the given name
     cfg, origin = retrain_config(None, [], model="never-registered")
     assert cfg.registry.model_name == "never-registered" and "has no champion yet" in origin
