@@ -1,5 +1,4 @@
-"""`mlm serve` on the session's Ray cluster: the pipeline's champion (a few training
-steps) behind Ray Serve, answering fill-mask and embedding requests over HTTP; the
+"""`mlm serve` on the session's Ray cluster: the session pipeline's model behind Ray Serve, answering fill-mask and embedding requests over HTTP; the
 token; bad requests refused with a 4xx while the replica lives on; loopback-only
 listeners (the machine's listening sockets); the alias followed through a promotion and
 a rollback with a client sending requests the whole time and none failing. Then
@@ -57,21 +56,23 @@ def _loopback(address: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def versions(ray_cluster, work):
-    """v1: the pipeline's champion, trained for a few steps; v2: an untrained model with
-    the same tokenizer, evaluated and registered: the gate makes it challenger (the
-    tests promote it)."""
+def versions(pipeline_result, work):
+    """v1: the session pipeline's model, registered here under a name of its own (so the
+    tests' promotions touch no other test's champion); v2: an untrained model with the
+    same tokenizer, evaluated and registered: the gate makes it challenger (the tests
+    promote it)."""
     import torch
 
-    from mlm.evaluate import evaluate
+    from mlm.evaluate import evaluate, load_results
     from mlm.model import build_model, load_model_dir, save_model_dir
-    from mlm.pipeline import pretrain
     from mlm.registry import register
 
-    cfg = load_config("tiny", [*SETTINGS, "train.max_steps=10", "train.warmup_steps=2", "train.num_workers=1",
-                               "train.checkpoint_every=10"])
-    first = pretrain(["builtin:python-docs"], cfg)
-    assert first["registered"]["alias"] == "champion"
+    cfg = load_config("tiny", SETTINGS)
+    first = dict(pipeline_result)
+    # the evaluation the pipeline saved with the model (its data fingerprint included)
+    registered = register(first["model_dir"], NAME, load_results(first["model_dir"]), cfg, data_dir=first["data_dir"])
+    assert registered["alias"] == "champion", registered
+    first["registered"] = registered
     _, tokenizer = load_model_dir(first["model_dir"])
     torch.manual_seed(7)
     folder = save_model_dir(build_model(cfg.model, len(tokenizer), tokenizer.pad_token_id), tokenizer,
