@@ -14,7 +14,7 @@ from mlm.config import load_config
 
 pytestmark = pytest.mark.integration
 
-from conftest import PROBE_MARGIN  # noqa: E402
+from conftest import PROBE_MARGIN, STEPS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
