@@ -100,6 +100,20 @@ def _join(uri_like: str, inner: str) -> str:
 # --------------------------------------------------------------------------- builtin corpus
 
 
+def docstrings(path: Path) -> Iterator[str]:
+    """The docstrings of one Python file (module, classes, functions) in source order;
+    none when it does not parse."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc:
+                yield doc
+
+
 def _python_docs() -> Iterator[str]:
     """Real English prose on every machine that runs this code: the Python language
     reference topics (pydoc_data) and the long docstrings of the standard library."""
@@ -112,15 +126,7 @@ def _python_docs() -> Iterator[str]:
     for path in sorted(stdlib.rglob("*.py")):
         if skip.intersection(path.relative_to(stdlib).parts):
             continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) >= 200:
-                    yield doc
+        yield from (doc for doc in docstrings(path) if len(doc) >= 200)
 
 
 BUILTINS = {"python-docs": _python_docs}

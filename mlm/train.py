@@ -138,20 +138,31 @@ def _model_and_position(w: _Worker):
     """(model, step to start from, the checkpoint's train state or None): the last
     checkpoint's when Ray Train restarts the run after a failure, else a new model (or
     the warm start's)."""
-    import ray.train
-    import torch
     from transformers import AutoModelForMaskedLM
 
     from mlm.model import build_model
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            model = AutoModelForMaskedLM.from_pretrained(os.path.join(d, CHECKPOINT_MODEL))
-            state = torch.load(os.path.join(d, CHECKPOINT_STATE), weights_only=True, map_location="cpu")
-        return model, state["step"], state
+    restored = restore_checkpoint(AutoModelForMaskedLM)
+    if restored:
+        return restored
     c = w.loop_config
     return build_model(w.cfg.model, c["vocab_size"], c["pad_token_id"], c["cls_token_id"], c["sep_token_id"]), 0, None
+
+
+def restore_checkpoint(auto_class):
+    """(model, step, train state) of the run's last Ray Train checkpoint (the model read
+    with `auto_class`, the state with `weights_only=True`), or None when the run starts
+    afresh. Pretraining and fine-tuning resume alike."""
+    import ray.train
+    import torch
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return None
+    with checkpoint.as_directory() as d:
+        model = auto_class.from_pretrained(os.path.join(d, CHECKPOINT_MODEL))
+        state = torch.load(os.path.join(d, CHECKPOINT_STATE), weights_only=True, map_location="cpu")
+    return model, state["step"], state
 
 
 def _micro_batch(w: _Worker, raw_model, state) -> int:

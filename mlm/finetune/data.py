@@ -9,7 +9,6 @@ kept as strings and mapped to ids in sorted order (`label_ids`), so a model's
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import io
 import sysconfig
@@ -147,22 +146,18 @@ def _share(text: str) -> float:
 
 def _probe_rows() -> list[tuple[str, str]]:
     """(docstring, package) of PROBE_PACKAGES, in a fixed order, each text once."""
+    from mlm.corpus import docstrings
+
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     seen, rows = set(), []
     for package in PROBE_PACKAGES:
         for path in sorted((stdlib / package).rglob("*.py")):
             if {"test", "tests", "__pycache__"} & set(path.relative_to(stdlib).parts):
                 continue
-            try:
-                tree = ast.parse(path.read_text(encoding="utf-8"))
-            except (SyntaxError, UnicodeDecodeError, ValueError):
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node)
-                    if doc and len(doc) >= PROBE_MIN_CHARS and doc not in seen:
-                        seen.add(doc)
-                        rows.append((_unnamed(doc, package), package))
+            for doc in docstrings(path):
+                if len(doc) >= PROBE_MIN_CHARS and doc not in seen:
+                    seen.add(doc)
+                    rows.append((_unnamed(doc, package), package))
     return rows
 
 

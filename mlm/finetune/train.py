@@ -204,19 +204,11 @@ def finetune_loop(c: dict[str, Any]) -> None:
 
 def _resume_or_build(c: dict[str, Any], cfg: Config):
     """(model, step to start from, train state or None)."""
-    import ray.train
-    import torch
     from transformers import AutoModelForSequenceClassification
 
-    from mlm.train import CHECKPOINT_MODEL, CHECKPOINT_STATE
+    from mlm.train import restore_checkpoint
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            model = AutoModelForSequenceClassification.from_pretrained(os.path.join(d, CHECKPOINT_MODEL))
-            state = torch.load(os.path.join(d, CHECKPOINT_STATE), weights_only=True, map_location="cpu")
-        return model, state["step"], state
-    return build(c["model"], c["names"], cfg.finetune.seed), 0, None
+    return restore_checkpoint(AutoModelForSequenceClassification) or (build(c["model"], c["names"], cfg.finetune.seed), 0, None)
 
 
 def _validate(model, data, c, device, log, step: int) -> None:
