@@ -22,6 +22,7 @@ tests/integration/test_loopback.py lists the listening sockets to check all of t
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -148,8 +149,6 @@ def ensure_ray(dashboard: bool = True, env: dict[str, str] | None = None) -> Non
     if address:
         _connect(address)
         return
-    from ray._private import ray_constants
-
     # Loopback (see the module's docstring). Ray reads the switch once, when ray is
     # imported (`mlm`, a caller or a test may have imported it long before), into
     # ray_constants.ENABLE_RAY_CLUSTER: so the module flag is turned off in this process
@@ -167,22 +166,20 @@ def ensure_ray(dashboard: bool = True, env: dict[str, str] | None = None) -> Non
     global _ONE_MACHINE
     _ONE_MACHINE = True
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLM_HOME", _LOCAL_ONLY, *env)}
-    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
     os.environ.update({"MLFLOW_TRACKING_URI": tracking_uri(), "MLM_HOME": str(work_dir()), _LOCAL_ONLY: "0", **env})
     LOCAL_ENV.clear()
     LOCAL_ENV.update(env)
-    ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(
-            address="local",
-            _node_ip_address=LOOPBACK,
-            include_dashboard=dashboard,
-            dashboard_host=LOOPBACK,
-            logging_level=logging.WARNING,
-            log_to_driver=verbose(),
-        )
+        with _loopback_node():
+            ray.init(
+                address="local",
+                _node_ip_address=LOOPBACK,
+                include_dashboard=dashboard,
+                dashboard_host=LOOPBACK,
+                logging_level=logging.WARNING,
+                log_to_driver=verbose(),
+            )
     finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -194,7 +191,21 @@ def ensure_ray(dashboard: bool = True, env: dict[str, str] | None = None) -> Non
             "the local Ray instance runs on %s, not loopback: its services are reachable from the network", node_ip)
 
 
-def _is_loopback_address(address: str) -> bool:
+@contextlib.contextmanager
+def _loopback_node():
+    """Ray's switch that rewrites 127.0.0.1 to the machine's routable IP, off in this
+    process for the block (a ray.init that starts or joins a cluster on 127.0.0.1)."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def _is_local_instance_address(address: str) -> bool:
     """Is `host:port` (a GCS address, as RAY_ADDRESS gives it) 127.0.0.1 (or localhost),
     the address a local instance registers its node under? Other loopback addresses
     (127.0.0.2, as a multi-node test cluster uses) are not rewritten by Ray, which finds
@@ -207,24 +218,17 @@ def _connect(address: str) -> None:
     """Join the cluster at RAY_ADDRESS. One bound to loopback (a local cluster, such as
     the one `ensure_ray` starts, whose raylet registered as 127.0.0.1) is joined as a
     loopback driver: with Ray's default this driver would call itself by the machine's
-    routable IP, find no raylet there, and wait for ever (the module flag below is the
-    one `ensure_ray` turns off to start such a cluster)."""
+    routable IP, find no raylet there, and wait for ever."""
     import ray
 
     kwargs = {"address": address, "log_to_driver": verbose(), "logging_level": logging.WARNING}
-    if not _is_loopback_address(address):
+    if not _is_local_instance_address(address):
         ray.init(**kwargs)
         return
-    from ray._private import ray_constants
-
     global _ONE_MACHINE
-    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
+    with _loopback_node():
         ray.init(**kwargs, _node_ip_address=LOOPBACK)
-        _ONE_MACHINE = True
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+    _ONE_MACHINE = True
 
 
 def quiet_ray_data() -> None:

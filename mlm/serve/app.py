@@ -328,18 +328,25 @@ def listeners(port: int | None = None) -> list[str]:
     return sorted(found)
 
 
+def serve_process(proc) -> str | None:
+    """What a psutil process is to Serve: `ServeController`, `ProxyActor`,
+    `ServeReplica...`, `HAProxyManager` or `haproxy` (the ingress); None: not Serve's
+    (or gone)."""
+    import psutil
+
+    try:
+        first = (proc.cmdline()[:1] or [""])[0]
+    except psutil.Error:
+        return None
+    if first.startswith(SERVE_PROCESSES):
+        return first.split(":")[2].strip()
+    return "haproxy" if os.path.basename(first) == "haproxy" else None
+
+
 def _serve_pids() -> set[int]:
     import psutil
 
-    pids = set()
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            first = proc.cmdline()[:1]
-            if first and (first[0].startswith(SERVE_PROCESSES) or os.path.basename(first[0]) == "haproxy"):
-                pids.add(proc.pid)
-        except psutil.Error:  # gone meanwhile
-            pass
-    return pids
+    return {p.pid for p in psutil.Process().children(recursive=True) if serve_process(p)}
 
 
 def _open(addresses: list[str]) -> list[str]:

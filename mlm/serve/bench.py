@@ -26,6 +26,7 @@ from http.client import HTTPConnection, HTTPException
 from typing import Any, Callable, Iterator
 
 from mlm.config import Config
+from mlm.serve.ingress import free_port
 from mlm.serve.model import ServeError, resolve_source
 
 TEMPLATES = [
@@ -39,14 +40,6 @@ TEMPLATES = [
     "a class defines the {m} and the methods of its instances.",
 ]
 READY_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _hardware() -> dict[str, Any]:
@@ -123,7 +116,7 @@ def mlflow_server(uri: str, log_path: str) -> Iterator[int]:
     environment: no network), until the block ends; yields the port."""
     from mlm.runtime import tracking_uri
 
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
            "-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
     with open(log_path, "wb") as log:
@@ -167,7 +160,7 @@ def _stop_group(proc: subprocess.Popen) -> None:
 def _our_config(cfg: Config, cpus: float) -> Config:
     """serve settings for the run: loopback, a free port, no token (nothing leaves this
     machine), one replica with `cpus`, the pinned version (nothing to follow)."""
-    serve = cfg.serve.model_copy(update={"host": "127.0.0.1", "port": _free_port(), "token": None, "replicas": 1,
+    serve = cfg.serve.model_copy(update={"host": "127.0.0.1", "port": free_port(), "token": None, "replicas": 1,
                                          "cpus_per_replica": cpus, "poll_s": 0.0})
     return cfg.model_copy(update={"serve": serve})
 

@@ -27,7 +27,6 @@ import shlex
 import socket
 from pathlib import Path
 
-INGRESSES = ("haproxy", "proxy")
 WRAPPER = "haproxy-bind-node-ip"
 
 
@@ -43,7 +42,8 @@ def haproxy_binary() -> str | None:
         return shutil.which("haproxy")
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now, on `host`."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -80,10 +80,10 @@ def local_env(ingress: str, host: str, folder: Path) -> dict[str, str]:
         return {}
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
             "RAY_SERVE_HAPROXY_BINARY_PATH": str(write_wrapper(folder, binary, host)),
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port(host)),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(host)),
-            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port(host)),
-            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port(host)),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(host)),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(host)),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port(host)),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port(host)),
             # a replica leaving drains this long (default 30 s, for load balancers in
             # front of a cluster); on one machine HAProxy is told at once
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}

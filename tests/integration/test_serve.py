@@ -161,19 +161,17 @@ class TestServing:
         binds to every interface unless mlm rebinds them)."""
         import psutil
 
-        from mlm.serve.app import SERVE_PROCESSES, listeners
+        from mlm.serve.app import listeners, serve_process
 
         bound = listeners(served["port"])
         assert bound and all(_loopback(b) for b in bound), bound
         assert served["info"]["listening"] == bound
-        kinds = {p.cmdline()[0].split(":")[2].strip() for p in psutil.Process().children(recursive=True)
-                 if p.cmdline()[:1] and p.cmdline()[0].startswith(SERVE_PROCESSES)}
-        assert {"ServeController", "ProxyActor", "ServeReplica", "HAProxyManager"} <= kinds, kinds
+        kinds = {serve_process(p) for p in psutil.Process().children(recursive=True)}
+        assert {"ServeController", "ProxyActor", "ServeReplica", "HAProxyManager", "haproxy"} <= kinds, kinds
         # HAProxy (the default ingress): its HTTP frontend, stats page and metrics, which
         # Ray's template binds to every interface unless mlm rebinds them
         haproxy = {f"{c.laddr.ip}:{c.laddr.port}" for p in psutil.Process().children(recursive=True)
-                   if p.cmdline()[:1] and os.path.basename(p.cmdline()[0]) == "haproxy"
-                   for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+                   if serve_process(p) == "haproxy" for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
         assert len(haproxy) >= 3 and all(_loopback(b) for b in haproxy), haproxy
         sockets = listeners()
         assert len(sockets) > len(bound) and all(_loopback(b) for b in sockets), sockets
@@ -257,7 +255,7 @@ def test_mlm_serve_command_is_quiet_on_loopback_and_stops_on_sigterm(versions, w
     clean stop on SIGTERM (the application deleted, nothing listening)."""
     import psutil
 
-    from mlm.serve.app import SERVE_PROCESSES, listeners
+    from mlm.serve.app import listeners, serve_process
 
     port = _free_port()
     env = {**os.environ, "MLM_HOME": str(work), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
@@ -279,10 +277,9 @@ def test_mlm_serve_command_is_quiet_on_loopback_and_stops_on_sigterm(versions, w
         bound = listeners(port)
         assert bound and all(_loopback(b) for b in bound) and info["listening"] == bound
         serving = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                   if p.cmdline()[:1] and (p.cmdline()[0].startswith(SERVE_PROCESSES)
-                                           or os.path.basename(p.cmdline()[0]) == "haproxy")]
+                   if serve_process(p)]
         # the default ingress: HAProxy, whose stats and metrics frontends Ray binds to every interface
-        assert info["ingress"] == "haproxy" and any(os.path.basename(p.cmdline()[0]) == "haproxy" for p in serving)
+        assert info["ingress"] == "haproxy" and any(serve_process(p) == "haproxy" for p in serving)
         sockets = {f"{c.laddr.ip}:{c.laddr.port}" for p in serving for c in p.net_connections("inet")
                    if c.status == psutil.CONN_LISTEN}
         assert serving and sockets and all(_loopback(b) for b in sockets), sockets
