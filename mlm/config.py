@@ -119,6 +119,10 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each; one GPU each with use_gpu).")
     use_gpu: bool = Field(False, description="Train on GPUs with NCCL; otherwise CPU with gloo.")
+    engine: Literal["ray", "local"] = Field(
+        "ray", description="Where training runs: ray: Ray Train workers (DDP, restarts); local: one worker in this "
+        "process, no Ray (num_workers, cpus_per_worker, backend and max_failures unused; a rerun resumes)."
+    )
     cpus_per_worker: Optional[float] = Field(
         None, gt=0, description="CPUs reserved per worker; default: 1, or an equal share when workers outnumber CPUs."
     )
@@ -171,7 +175,7 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0.0, description="Max global gradient norm; 0 disables clipping.")
     log_every: int = Field(10, ge=1, description="Steps between metric logs.")
     checkpoint_every: int = Field(200, ge=1, description="Steps between checkpoints (one is always written at the end).")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints Ray Train keeps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (the newest).")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint; -1 is unlimited.")
     seed: int = Field(0, description="Seed of model init and data order.")
 

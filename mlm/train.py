@@ -1,16 +1,17 @@
-"""The per-worker training loop and the TorchTrainer launch.
+"""The per-worker training loop and the train stage.
 
 Read `train_loop_per_worker` top to bottom: build or resume the model -> choose the
 micro-batch (`train.micro_batch_size: auto`) -> compile the objective and wrap it for DDP
 -> stream the worker's micro-batches -> `mlm.step.train_step` (gradient accumulation,
 clipping, AdamW; what `mlm bench train` times too) -> log, validate, checkpoint.
 Rank-0-only side effects (MLflow metrics and system metrics, the progress the driver
-draws, checkpoint files) are marked with `is_rank0`; `train` launches the workers.
+draws, checkpoint files) are marked with `is_rank0`. `train` checks the inputs and
+launches the loop through `mlm.engine.fit`: on Ray Train's workers, or in this process
+(`train.engine: local`); the loop asks its session (`mlm.engine`) for what differs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import math
@@ -22,28 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlm import shards, storage
+from mlm import engine, shards, storage
 from mlm.compute import HostToDevice, batch_to_tensors, device_peak_flops, mfu, model_flops, prediction_slots, score
 from mlm.config import Config, config_from_dict
+from mlm.engine import CHECKPOINT_MODEL, Session
 from mlm.step import StepResult, autocast_for, build_optimizer, dropout_seed, get_lr, objective, train_step
-
-CHECKPOINT_MODEL = "model"
-CHECKPOINT_STATE = "train_state.pt"
-
-
-def save_checkpoint(dir_: Path, model, optimizer, step: int, epoch: int, micro_batches: int, micro_batch_size: int) -> None:
-    """Weights (safetensors) + optimizer state + position. The learning rate is a
-    function of the step, dropout draws are seeded per step, and the data position is
-    `micro_batches` of `micro_batch_size` per worker: nothing else is needed to continue
-    exactly (a resumed `auto` micro-batch keeps the size it chose). Ray Train
-    moves the folder into storage only once it is complete, so a checkpoint cut off
-    while writing is never reported, hence never loaded."""
-    import torch
-
-    model.save_pretrained(str(dir_ / CHECKPOINT_MODEL))  # safetensors (the only format in transformers 5)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "micro_batches": micro_batches,
-                "micro_batch_size": micro_batch_size}, dir_ / CHECKPOINT_STATE)
-
 
 def validate(model, loop_config: dict[str, Any], device, autocast) -> dict[str, float]:
     """Masked loss, accuracy and perplexity on the first validation batches (rank 0)."""
@@ -81,18 +65,29 @@ def _agree(flag: bool, world_size: int) -> bool:
 
 @dataclass
 class _Worker:
-    """Where this training worker stands: rank, world size, device, and its run."""
+    """Where this training worker stands: its session (rank, world size, device, where
+    checkpoints go: `mlm.engine`), and its run."""
 
     loop_config: dict[str, Any]
     cfg: Config
-    rank: int
-    world_size: int
-    device: Any
+    session: Session
     micro_batch: int = 0  # train.micro_batch_size, or what `auto` chose (`_micro_batch`)
 
     @property
+    def rank(self) -> int:
+        return self.session.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.session.world_size
+
+    @property
+    def device(self):
+        return self.session.device
+
+    @property
     def is_rank0(self) -> bool:
-        return self.rank == 0
+        return self.session.is_rank0
 
     @property
     def accumulation(self) -> int:
@@ -109,19 +104,16 @@ class _Worker:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Build or resume the model -> wrap it for DDP -> stream this worker's micro-batches
-    -> step, log, validate, checkpoint until max_steps (or early stopping)."""
-    import ray.train
-    import ray.train.torch
+    -> step, log, validate, checkpoint until max_steps (or early stopping). Runs on a Ray
+    Train worker or, with `train.engine: local`, in the driver (`mlm.engine`)."""
     import torch
 
-    ctx = ray.train.get_context()
-    w = _Worker(loop_config, config_from_dict(loop_config["config"]), ctx.get_world_rank(), ctx.get_world_size(),
-                ray.train.torch.get_device())
+    w = _Worker(loop_config, config_from_dict(loop_config["config"]), engine.session(loop_config))
     torch.manual_seed(w.cfg.train.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
     raw_model, start_step, state = _model_and_position(w)
     raw_model.to(w.device)
     w.micro_batch = _micro_batch(w, raw_model, state)
-    model = _distributed_objective(raw_model, w.cfg.train, w.device)
+    model = w.session.prepare_model(objective(raw_model, w.cfg.train, w.device))  # DDP on Ray Train
     optimizer = build_optimizer(raw_model, w.cfg.train, w.device)
     if state:
         optimizer.load_state_dict(state["optimizer"])
@@ -136,33 +128,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def _model_and_position(w: _Worker):
     """(model, step to start from, the checkpoint's train state or None): the last
-    checkpoint's when Ray Train restarts the run after a failure, else a new model (or
-    the warm start's)."""
+    checkpoint's when Ray Train restarts the run after a failure or a run is rerun with
+    the same folder, else a new model (or the warm start's)."""
     from transformers import AutoModelForMaskedLM
 
     from mlm.model import build_model
 
-    restored = restore_checkpoint(AutoModelForMaskedLM)
+    restored = engine.restore_checkpoint(w.session, AutoModelForMaskedLM)
     if restored:
         return restored
     c = w.loop_config
     return build_model(w.cfg.model, c["vocab_size"], c["pad_token_id"], c["cls_token_id"], c["sep_token_id"]), 0, None
-
-
-def restore_checkpoint(auto_class):
-    """(model, step, train state) of the run's last Ray Train checkpoint (the model read
-    with `auto_class`, the state with `weights_only=True`), or None when the run starts
-    afresh. Pretraining and fine-tuning resume alike."""
-    import ray.train
-    import torch
-
-    checkpoint = ray.train.get_checkpoint()
-    if not checkpoint:
-        return None
-    with checkpoint.as_directory() as d:
-        model = auto_class.from_pretrained(os.path.join(d, CHECKPOINT_MODEL))
-        state = torch.load(os.path.join(d, CHECKPOINT_STATE), weights_only=True, map_location="cpu")
-    return model, state["step"], state
 
 
 def _micro_batch(w: _Worker, raw_model, state) -> int:
@@ -179,19 +155,8 @@ def _micro_batch(w: _Worker, raw_model, state) -> int:
     fit = fit_micro_batch(raw_model, w.device, w.loop_config["seq_len"], w.loop_config["slot_rate"],
                           tc.global_batch_size // w.world_size, limit_gb=tc.memory_limit_gb)
     size = _collective(fit.size, w.world_size, "min")
-    sink = w.loop_config.get("progress") if w.is_rank0 else None
-    if sink is not None:
-        sink.put.remote({"step": 0, "info": f"micro-batch auto: {size} (tried {fit.tried})"})
+    w.session.progress({"step": 0, "info": f"micro-batch auto: {size} (tried {fit.tried})"})
     return size
-
-
-def _distributed_objective(raw_model, tc, device):
-    """The masked-LM objective (encoder + sparse head on fixed slots), compiled when
-    `train.compile` says so (auto: on GPUs) before Ray Train wraps it for DDP (gloo on
-    CPU, NCCL on GPU, or `train.backend`) so gradients sync through it."""
-    import ray.train.torch
-
-    return ray.train.torch.prepare_model(objective(raw_model, tc, device))
 
 
 def _input_stream(w: _Worker, first: int):
@@ -281,7 +246,7 @@ def train_in_process(loop_config: dict[str, Any], device="cpu"):
     from mlm.progress import Progress
 
     cfg = config_from_dict(loop_config["config"])
-    w = _Worker(loop_config, cfg, 0, 1, torch.device(device))
+    w = _Worker(loop_config, cfg, engine.LocalSession(folder="", keep=1, device=torch.device(device)))
     torch.manual_seed(cfg.train.seed)
     c = loop_config
     raw_model = build_model(cfg.model, c["vocab_size"], c["pad_token_id"], c["cls_token_id"], c["sep_token_id"]).to(w.device)
@@ -324,15 +289,16 @@ def _validate_on_rank0(w: _Worker, raw_model, log: "_StepLog", stopper: _EarlySt
 
 def _report(w: _Worker, raw_model, optimizer, step: int, epoch: int, loss: float, stop: bool) -> None:
     """A checkpoint: every rank reports (Ray Train V2 needs equal calls); only rank 0
-    writes files."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
-        if w.is_rank0:
-            save_checkpoint(Path(tmp), raw_model, optimizer, step, epoch, step * w.accumulation, w.micro_batch)
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"step": step, "train_loss": loss, "epoch": epoch, "early_stopped": stop}, checkpoint=ckpt)
+    writes files: weights (safetensors), optimizer state and position. The learning rate
+    is a function of the step, dropout draws are seeded per step, and the data position
+    is `micro_batches` of `micro_batch_size` per worker: nothing else is needed to
+    continue exactly (a resumed `auto` micro-batch keeps the size it chose). Either
+    engine commits the folder only once it is complete, so a checkpoint cut off while
+    writing is never loaded."""
+    state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+             "micro_batches": step * w.accumulation, "micro_batch_size": w.micro_batch}
+    with engine.checkpoint_folder(w.session, raw_model, state) as folder:
+        w.session.report({"step": step, "train_loss": loss, "epoch": epoch, "early_stopped": stop}, folder)
 
 
 class _StepLog:
@@ -347,10 +313,10 @@ class _StepLog:
         self.w, self.stream, self.flops, self.peak = w, stream, flops, peak
         self.started_at, self.first_step_s = time.time(), None
         self._reset()
+        self.resumed = False  # this process resumed the stage's MLflow run (a Ray Train worker)
         self.client = self._start_mlflow() if w.is_rank0 and w.loop_config.get("mlflow_run_id") else None
-        self.sink = w.loop_config.get("progress") if w.is_rank0 else None  # the driver's progress line
-        if self.sink is not None and _compiled(w):
-            self.sink.put.remote({"step": 0, "info": "compiling the training step (torch.compile)"})
+        if _compiled(w):
+            w.session.progress({"step": 0, "info": "compiling the training step (torch.compile)"})
 
     def _reset(self) -> None:
         self.loss_sum, self.loss_count, self.dropped = 0.0, 0, 0
@@ -361,9 +327,14 @@ class _StepLog:
         self.wait_mark = self.stream.wait_s
 
     def _start_mlflow(self):
-        """The stage's run, resumed in this process with MLflow's system metrics (CPU,
-        memory, GPU with pynvml) of rank 0's node, logged as system/... every 10 s."""
+        """The stage's run, resumed in this worker process with MLflow's system metrics
+        (CPU, memory, GPU with pynvml) of rank 0's node, logged as system/... every 10 s.
+        In the driver (the local engine) the run is open already: metrics only."""
         import mlflow
+
+        if self.w.session.in_driver:
+            return mlflow.MlflowClient(tracking_uri=self.w.loop_config["tracking_uri"])
+        self.resumed = True
 
         mlflow.set_tracking_uri(self.w.loop_config["tracking_uri"])
         mlflow.set_system_metrics_sampling_interval(10)
@@ -373,7 +344,7 @@ class _StepLog:
         return mlflow.MlflowClient(tracking_uri=self.w.loop_config["tracking_uri"])
 
     def close(self) -> None:
-        if self.client:
+        if self.client and self.resumed:
             import mlflow
 
             mlflow.end_run()  # stops the system-metrics thread; the driver ends the run again, as finished
@@ -387,8 +358,8 @@ class _StepLog:
         if self.first_step_s is None:
             float(result.losses[-1])  # waits for the first step: its time is compile + warm-up
             self.first_step_s = time.time() - self.started_at
-            if self.sink is not None and _compiled(self.w):
-                self.sink.put.remote({"step": 1, "info": f"compiled in {self.first_step_s:.0f} s"})
+            if _compiled(self.w):
+                self.w.session.progress({"step": 1, "info": f"compiled in {self.first_step_s:.0f} s"})
             if self.w.cfg.train.log_every > 1:
                 self._restart_clock()
 
@@ -411,9 +382,8 @@ class _StepLog:
         if utilization is not None:
             metrics["mfu"] = utilization
         if self.w.is_rank0:
-            if self.sink is not None:  # fire and forget: the driver draws the line
-                self.sink.put.remote({"step": step, "info": f"loss {metrics['train_loss']:.3f}, "
-                                      f"{tokens_per_s:,.0f} tok/s, data-wait {metrics['data_wait_fraction']:.0%}"})
+            self.w.session.progress({"step": step, "info": f"loss {metrics['train_loss']:.3f}, "
+                                     f"{tokens_per_s:,.0f} tok/s, data-wait {metrics['data_wait_fraction']:.0%}"})
             self.record(metrics, step)
         self._reset()
 
@@ -453,26 +423,6 @@ def dynamic_masker_spec(manifest: shards.Manifest, tokenizer) -> dict[str, Any] 
     return masker_spec(tokenizer, settings, []) | {"term_ids": settings.get("term_ids", [])}
 
 
-def cpus_per_worker(cfg: Config) -> float:
-    """One CPU per worker, or an equal share when workers outnumber CPUs (each worker
-    reads its own batches in a background thread: no separate data tasks to leave room for)."""
-    import ray
-
-    if cfg.train.cpus_per_worker is not None:
-        return cfg.train.cpus_per_worker
-    if cfg.train.use_gpu:
-        return 1.0
-    total = float(ray.cluster_resources().get("CPU", 1))
-    return max(0.1, min(1.0, total / cfg.train.num_workers))
-
-
-def backend(tc) -> str:
-    """`train.backend`, auto: NCCL with GPUs, gloo on CPUs."""
-    if tc.backend != "auto":
-        return tc.backend
-    return "nccl" if tc.use_gpu else "gloo"
-
-
 def slot_rate(masking: dict[str, Any]) -> float:
     """The masked share the prediction slots are sized for: the training masking rate
     (terms masking may go past it on rows dense in terms: twice the rate)."""
@@ -487,138 +437,32 @@ def train(
     *,
     mlflow_run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Train on a prepared dataset with Ray Train; returns a summary with the model
-    directory (`out_dir/model`, HF layout with the tokenizer). `data_dir` and `out_dir`
-    may be local folders or object-store URIs; Ray Train's checkpoints go to
-    `out_dir/ray` (on a cluster: a URI every node reaches)."""
-    from mlm.runtime import ensure_ray
-
+    """Train on a prepared dataset on Ray Train (or in this process: `train.engine:
+    local`); returns a summary with the model directory (`out_dir/model`, HF layout with
+    the tokenizer). `data_dir` and `out_dir` may be local folders or object-store URIs;
+    the checkpoints go to `out_dir/ray` (local engine: `out_dir/checkpoints`; on a
+    cluster: a URI every node reaches)."""
     data_dir, out_dir = storage.normalize(data_dir), storage.normalize(out_dir)
     manifest, tokenizer, cfg = _check_inputs(data_dir, cfg)
     storage.makedirs(out_dir)
-    ensure_ray()
     loop_config = _loop_config(data_dir, out_dir, manifest, tokenizer, cfg, mlflow_run_id)
     started = time.time()
-    with train_progress(cfg.train.max_steps) as sink, worker_errors_as_ours():
-        result = torch_trainer(loop_config | {"progress": sink}, out_dir, cfg).fit()
+    result = engine.fit(train_loop_per_worker, loop_config, out_dir, cfg, "train", cfg.train.max_steps)
     seconds = time.time() - started
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     model_dir = export_model(result.checkpoint, tokenizer, storage.join(out_dir, "model"))
-    metrics = dict(result.metrics or {})
+    metrics = result.metrics
     steps = int(metrics.get("step", cfg.train.max_steps))
     tokens_seen = steps * cfg.train.global_batch_size * manifest.seq_len
-    scheme = out_dir.split("://", 1)[0] + "://" if storage.is_uri(out_dir) else ""
     return {
         "model_dir": model_dir,
         "steps": steps,
         "final_train_loss": metrics.get("train_loss", math.nan),
         "seconds": round(seconds, 1),
         "approx_tokens_per_s": round(tokens_seen / max(seconds, 1e-9)),
-        "checkpoint": scheme + result.checkpoint.path,
+        "checkpoint": result.checkpoint_uri,
     }
-
-
-@contextlib.contextmanager
-def worker_errors_as_ours():
-    """A worker that failed on bad input (a corrupt shard page: `shards.DatasetError`)
-    fails `train` with that error, not Ray Train's WorkerGroupError around it: the CLI
-    then prints its one line, naming the shard, and exits 2."""
-    from ray.train import TrainingFailedError
-
-    try:
-        yield
-    except TrainingFailedError as e:
-        for failure in (getattr(e, "worker_failures", None) or {}).values():
-            cause = getattr(failure, "cause", None) or failure  # Ray's RayTaskError keeps the worker's exception
-            if isinstance(cause, shards.DatasetError):
-                raise shards.DatasetError(str(cause).strip().splitlines()[-1]) from e
-        raise
-
-
-def torch_trainer(loop_config: dict[str, Any], out_dir: str, cfg: Config, loop=None, name: str = "train"):
-    """Ray Train's TorchTrainer running `loop` (default: pretraining's
-    `train_loop_per_worker`; fine-tuning passes its own) on `train.num_workers` workers:
-    the DDP backend, checkpoints (kept in `out_dir/ray/NAME`) and restarts after a
-    failure. The process group's store and gloo listen on the node's own address,
-    loopback on the embedded Ray (`mlm.process_group`)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from mlm.process_group import BoundTorchConfig
-
-    return TorchTrainer(
-        loop or train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers,
-            use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker(cfg)} | ({"GPU": cfg.train.gpus_per_worker} if cfg.train.use_gpu else {}),
-        ),
-        torch_config=BoundTorchConfig(backend=backend(cfg.train)),
-        run_config=RunConfig(
-            storage_path=storage.join(out_dir, "ray"),
-            name=name,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-        ),
-    )
-
-
-class _ProgressSink:
-    """Ray actor (no CPU): rank 0 puts its latest step there, the driver reads it."""
-
-    def __init__(self):
-        self.latest = None
-
-    def put(self, state: dict) -> None:
-        self.latest = state
-
-    def get(self) -> dict | None:
-        return self.latest
-
-
-@contextlib.contextmanager
-def train_progress(max_steps: int):
-    """The train stage's progress line, drawn here from rank 0's steps (workers' output
-    reaches the driver only when verbose); yields the sink to hand to the workers (None
-    when progress is off)."""
-    import threading
-
-    import ray
-
-    from mlm.progress import Progress, enabled
-
-    if not enabled():
-        yield None
-        return
-    sink = ray.remote(num_cpus=0)(_ProgressSink).remote()
-    line = Progress("train", total=max_steps, unit="steps")
-    stop = threading.Event()
-
-    def draw() -> None:
-        state = ray.get(sink.get.remote(), timeout=30)
-        if state:
-            line.set(state["step"], state["info"])
-
-    def poll() -> None:
-        while not stop.wait(1.0):
-            with contextlib.suppress(Exception):  # a slow or restarting cluster: try again
-                draw()
-
-    thread = threading.Thread(target=poll, daemon=True, name="mlm-train-progress")
-    thread.start()
-    failed = True
-    try:
-        yield sink
-        failed = False
-    finally:
-        stop.set()
-        thread.join(timeout=60)
-        with contextlib.suppress(Exception):
-            draw()
-        line.close(failed=failed)
-        ray.kill(sink)
 
 
 def _check_inputs(data_dir: str, cfg: Config):

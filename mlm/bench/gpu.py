@@ -347,7 +347,8 @@ def ddp_smoke(data_dir: str, out_dir: str, preset: str | None, overrides: list[s
     of the same storage path and name): `resumed_at` is the first step it logged."""
     import torch
 
-    from mlm.train import backend, train
+    from mlm.engine import backend
+    from mlm.train import train
 
     cfg = load_config(preset, overrides)
     r = train(data_dir, out_dir, cfg)

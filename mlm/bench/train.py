@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mlm import shards, storage
+from mlm import shards
 from mlm.compute import IGNORE_INDEX, peak_flops
 from mlm.config import Config
 

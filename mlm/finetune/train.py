@@ -3,9 +3,10 @@
 `finetune` reads and checks the labelled files, tokenizes them once with the model's
 tokenizer (texts cut at `finetune.max_length`, default the model's positions), hands
 them to the workers through Ray's object store (no shared disk needed) and runs
-`finetune_loop` on Ray Train (`mlm.train.torch_trainer`: DDP over gloo or NCCL with the
+`finetune_loop` through `mlm.engine.fit`: on Ray Train (DDP over gloo or NCCL with the
 process group on the node's address, `train.num_workers` workers, checkpoints in
-`OUT/ray/finetune`, restarts after a failure): AdamW (`mlm.step.build_optimizer`), the
+`OUT/ray/finetune`, restarts after a failure), or in this process with `train.engine:
+local` (checkpoints in `OUT/checkpoints/finetune`): AdamW (`mlm.step.build_optimizer`), the
 one `mlm.step.train_step` with a classification `forward`, bf16 on GPU. The data order
 is a function of (seed, epoch) and the position is the step, so a run restarted from a
 checkpoint continues exactly. `train_classifier` runs the same steps in this process
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -172,24 +171,26 @@ def train_classifier(model_ref: str, train: Labelled, validation: Labelled, cfg:
 
 
 def finetune_loop(c: dict[str, Any]) -> None:
-    """One Ray Train worker: the classifier (a fresh head on the encoder, or the last
-    checkpoint's), DDP, the steps; rank 0 logs, validates each epoch and writes the
-    checkpoints every rank reports."""
-    import ray
-    import ray.train
-    import ray.train.torch
+    """One worker (of Ray Train, or the local engine's in this process): the classifier
+    (a fresh head on the encoder, or the last checkpoint's), DDP, the steps; rank 0
+    logs, validates each epoch and writes the checkpoints every rank reports."""
+    from mlm import engine
 
-    ctx = ray.train.get_context()
-    rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+    s = engine.session(c)
+    rank, world, device = s.rank, s.world_size, s.device
     cfg = config_from_dict(c["config"])
-    model, start, state = _resume_or_build(c, cfg)
+    model, start, state = _resume_or_build(s, c, cfg)
     model.to(device)
-    net = ray.train.torch.prepare_model(model)
+    net = s.prepare_model(model)
     optimizer = optimizer_for(model, cfg, device)
     if state:
         optimizer.load_state_dict(state["optimizer"])
-    data = ray.get(c["data"])
-    log = _Log(c, rank)
+    data = c["data"]
+    if not isinstance(data, dict):  # Ray Train: an object reference
+        import ray
+
+        data = ray.get(data)
+    log = _Log(c, s)
     sched = schedule(cfg, len(data["train"]["labels"]))
     for step, result in steps(cfg, model, net, optimizer, data["train"], device, rank, world, start, c["pad_token_id"]):
         last = step == sched.max_steps
@@ -199,16 +200,16 @@ def finetune_loop(c: dict[str, Any]) -> None:
             if rank == 0:
                 _validate(model, data["validation"], c, device, log, step)
                 net.train()
-            _report(model, optimizer, step, rank, float(result.losses.mean()))
+            _report(s, model, optimizer, step, float(result.losses.mean()))
 
 
-def _resume_or_build(c: dict[str, Any], cfg: Config):
+def _resume_or_build(s, c: dict[str, Any], cfg: Config):
     """(model, step to start from, train state or None)."""
     from transformers import AutoModelForSequenceClassification
 
-    from mlm.train import restore_checkpoint
+    from mlm.engine import restore_checkpoint
 
-    return restore_checkpoint(AutoModelForSequenceClassification) or (build(c["model"], c["names"], cfg.finetune.seed), 0, None)
+    return restore_checkpoint(s, AutoModelForSequenceClassification) or (build(c["model"], c["names"], cfg.finetune.seed), 0, None)
 
 
 def _validate(model, data, c, device, log, step: int) -> None:
@@ -218,28 +219,20 @@ def _validate(model, data, c, device, log, step: int) -> None:
     log.metrics({"val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"]}, step)
 
 
-def _report(model, optimizer, step: int, rank: int, loss: float) -> None:
+def _report(s, model, optimizer, step: int, loss: float) -> None:
     """A checkpoint: every rank reports (Ray Train V2 needs equal calls); rank 0 writes it."""
-    import ray.train
-    import torch
+    from mlm.engine import checkpoint_folder
 
-    from mlm.train import CHECKPOINT_MODEL, CHECKPOINT_STATE
-
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            model.save_pretrained(os.path.join(tmp, CHECKPOINT_MODEL))  # safetensors
-            torch.save({"optimizer": optimizer.state_dict(), "step": step}, os.path.join(tmp, CHECKPOINT_STATE))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"step": step, "train_loss": loss}, checkpoint=checkpoint)
+    with checkpoint_folder(s, model, {"optimizer": optimizer.state_dict(), "step": step}) as folder:
+        s.report({"step": step, "train_loss": loss}, folder)
 
 
 class _Log:
     """Rank 0's metrics: the MLflow run (when there is one) and the driver's progress line."""
 
-    def __init__(self, c: dict[str, Any], rank: int):
-        self.on = rank == 0
-        self.run_id, self.sink = c.get("mlflow_run_id"), c.get("progress")
+    def __init__(self, c: dict[str, Any], s):
+        self.on, self.session = s.is_rank0, s
+        self.run_id = c.get("mlflow_run_id")
         self.client = None
         if self.on and self.run_id:
             from mlflow import MlflowClient
@@ -254,20 +247,19 @@ class _Log:
 
             now = int(time.time() * 1000)
             self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
-        if self.sink is not None:
-            self.sink.put.remote({"step": step, "info": ", ".join(f"{k} {v:.3g}" for k, v in values.items())})
+        self.session.progress({"step": step, "info": ", ".join(f"{k} {v:.3g}" for k, v in values.items())})
 
 
 def finetune(model_ref: str, train_path: str, validation_path: str, out_dir: str | Path, cfg: Config, *,
              mlflow_run_id: str | None = None) -> dict[str, Any]:
     """Fine-tune the encoder `model_ref` (a folder, a URI, `models:/NAME@ALIAS`) on the
-    labelled files with Ray Train; the classifier lands in `out_dir/model` (Hugging Face
-    layout, `id2label`, the tokenizer). Returns the run's summary and what evaluation and
-    registration need."""
-    import ray
-
+    labelled files on Ray Train (or in this process: `train.engine: local`); the
+    classifier lands in `out_dir/model` (Hugging Face layout, `id2label`, the
+    tokenizer). Returns the run's summary and what evaluation and registration need."""
+    from mlm import engine
+    from mlm.resolve import is_remote
     from mlm.runtime import ensure_ray, tracking_uri
-    from mlm.train import export_model, torch_trainer, train_progress, worker_errors_as_ours
+    from mlm.train import export_model
 
     fc = cfg.finetune
     train, validation = (read_labelled(p, fc.text_column, fc.label_column) for p in (train_path, validation_path))
@@ -276,23 +268,24 @@ def finetune(model_ref: str, train_path: str, validation_path: str, out_dir: str
     base_dir, tokenizer, length = _encoder(model_ref, fc.max_length)
     out_dir = storage.normalize(out_dir)
     storage.makedirs(out_dir)
-    ensure_ray()
     data = {s: encode(tokenizer, rows, labels, length) for s, rows in (("train", train), ("validation", validation))}
-    from mlm.resolve import is_remote
+    if cfg.train.engine == "ray":  # to the workers through the object store (no shared disk)
+        import ray
 
+        ensure_ray()
+        data = ray.put(data)
     loop_config = {"config": cfg.to_dict(), "model": model_ref if is_remote(model_ref) else base_dir, "names": names,
-                   "data": ray.put(data), "pad_token_id": tokenizer.pad_token_id, "mlflow_run_id": mlflow_run_id,
+                   "data": data, "pad_token_id": tokenizer.pad_token_id, "mlflow_run_id": mlflow_run_id,
                    "tracking_uri": tracking_uri()}
     total = schedule(cfg, len(train)).max_steps
     started = time.time()
-    with train_progress(total) as sink, worker_errors_as_ours():
-        result = torch_trainer(loop_config | {"progress": sink}, out_dir, cfg, loop=finetune_loop, name="finetune").fit()
+    result = engine.fit(finetune_loop, loop_config, out_dir, cfg, "finetune", total)
     if result.checkpoint is None:
         raise RuntimeError("fine-tuning finished without a checkpoint")
     model_dir = export_model(result.checkpoint, tokenizer, storage.join(out_dir, "model"))
     return {"model_dir": model_dir, "base": model_ref, "labels": names, "train": train, "validation": validation,
-            "steps": int((result.metrics or {}).get("step", total)), "seconds": round(time.time() - started, 1),
-            "final_train_loss": (result.metrics or {}).get("train_loss", math.nan)}
+            "steps": int(result.metrics.get("step", total)), "seconds": round(time.time() - started, 1),
+            "final_train_loss": result.metrics.get("train_loss", math.nan)}
 
 
 def _encoder(model_ref: str, max_length: int | None):

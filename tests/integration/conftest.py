@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 
 import pytest
@@ -197,6 +198,14 @@ def ray_two_nodes(tmp_path_factory, s3_server, mlflow_server):
 # baseline, and enough pretraining for the probe task to show it (at 100 steps the encoder was
 # still worse than a random one there: probe macro-F1 0.12 vs 0.31, measured 2026-12-04)
 STEPS = 300
+# A line of mlm's own output (stage progress, summary, notices): what a default run may print.
+MLM_LINE = re.compile(r"^(mlm|prepare|train|evaluate|register|data|model|mlflow|metrics|registry|try|ui|took)(:| )")
+
+
+def nonblank(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
 PROBE_MARGIN = 0.05  # measured at 300 steps: pretrained 0.428 vs random-init 0.311 (600 steps: 0.646 vs 0.311)
 
 

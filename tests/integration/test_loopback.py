@@ -8,10 +8,13 @@ running it lists every listening TCP socket of itself and of all its descendants
 raylet, dashboard, dashboard agent, runtime-env agent, monitor, every worker) and the
 test fails on any local address outside 127.0.0.0/8 and ::1.
 
-The second test runs a short pipeline (prepare -> train with 2 workers -> evaluate ->
-register) in such a driver while a thread samples the listeners of its process tree
-the whole time: training adds the workers' torch.distributed process group (rank 0's
-rendezvous store, each worker's gloo listener), which must stay on loopback too.
+The second test runs a short `mlm pipeline run` (prepare -> train with 2 workers ->
+evaluate -> register; the CLI's own `main` in such a driver, on the embedded default
+Ray, progress on as for a user) while a thread samples the listeners of its process
+tree the whole time: training adds the workers' torch.distributed process group (rank
+0's rendezvous store, each worker's gloo listener), which must stay on loopback too.
+The same run's output is the default run's as a user sees it: a short summary on
+stdout, under 40 lines in all, every one of them mlm's (none of Ray's).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import MLM_LINE, nonblank
 
 pytestmark = pytest.mark.integration
 
@@ -151,12 +155,9 @@ import json, os, socket, sys, threading, time
 if os.environ.get("MLM_TEST_HOSTNAME"):  # in a UTS namespace of its own (see _lan_hostname)
     socket.sethostname(os.environ["MLM_TEST_HOSTNAME"])
 
-import mlm.cli  # noqa: F401  (the CLI's imports come first)
+import mlm.cli  # (the CLI's imports come first)
 import ray
 import psutil
-
-from mlm.config import load_config
-from mlm.pipeline import pretrain
 
 me = psutil.Process()
 seen, workers, samples = {}, set(), [0]
@@ -208,20 +209,20 @@ def watch():
 
 thread = threading.Thread(target=watch, daemon=True)
 thread.start()
-cfg = load_config("tiny", json.loads(sys.argv[2]))
-result = pretrain([sys.argv[1]], cfg)
+corpus, sets, result_file = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+sys.argv = ["mlm", "pipeline", "run", "--input", corpus, *[a for s in sets for a in ("--set", s)]]
+mlm.cli.main()  # `mlm pipeline run ...`, its output the test reads
 stop.set()
 thread.join()
 sample()  # after the run: what is still up
 
-print("RESULT " + json.dumps({
-    "listeners": list(seen.values()),
-    "train_workers": len(workers),
-    "samples": samples[0],
-    "hostname_address": socket.gethostbyname(socket.gethostname()),
-    "version": result["registered"]["version"],
-}))
-sys.stdout.flush()
+with open(result_file, "w") as f:
+    json.dump({
+        "listeners": list(seen.values()),
+        "train_workers": len(workers),
+        "samples": samples[0],
+        "hostname_address": socket.gethostbyname(socket.gethostname()),
+    }, f)
 ray.shutdown()
 """
 
@@ -229,6 +230,19 @@ PIPELINE_SETS = ["tokenizer.vocab_size=1000", "data.rows_per_shard=200", "train.
                  "train.micro_batch_size=8", "train.global_batch_size=16", "train.max_steps=24",
                  "train.warmup_steps=2", "train.log_every=6", "train.checkpoint_every=12",
                  "train.validate_every=12", "train.validate_batches=1"]
+
+
+def _assert_default_output(stdout: str, stderr: str) -> None:
+    """The default `mlm pipeline run` as a user sees it: under 40 lines in all (blank
+    ones count), a summary naming the registered version, no JSON (that is --json's), no
+    traceback, and only mlm's lines: not Ray's token notice, not its core worker's actor
+    warning."""
+    printed = stdout.splitlines() + stderr.splitlines()
+    assert len(printed) < 40, "\n".join(printed)
+    assert any(line.startswith("registry  mlm-tiny v1 -> @") for line in nonblank(stdout)), stdout
+    assert not any(line.lstrip().startswith("{") for line in nonblank(stdout))
+    assert "Traceback" not in stderr
+    assert all(MLM_LINE.match(line) for line in nonblank(stdout) + nonblank(stderr)), printed
 
 
 def _lan_hostname(tmp_path) -> tuple[list[str], str | None]:
@@ -271,21 +285,23 @@ def test_pipeline_run_listens_on_loopback_only(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
                         "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
-    env.update(MLM_HOME=str(tmp_path / "home"), MLM_PROGRESS="0")
+    env.pop("MLM_LOG", None)
+    env.update(MLM_HOME=str(tmp_path / "home"), MLM_PROGRESS="1")  # progress on, as for a user
     if address:
         env["MLM_TEST_HOSTNAME"] = "mlm-lan-host"
-    out = subprocess.run([*prefix, sys.executable, "-c", PIPELINE_DRIVER, str(corpus), json.dumps(PIPELINE_SETS)],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert out.returncode == 0 and lines, (out.returncode, out.stdout[-2000:], out.stderr[-4000:])
-    result = json.loads(lines[-1][len("RESULT "):])
+    result_file = tmp_path / "result.json"
+    out = subprocess.run([*prefix, sys.executable, "-c", PIPELINE_DRIVER, str(corpus), json.dumps(PIPELINE_SETS),
+                          str(result_file)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0 and result_file.exists(), (out.returncode, out.stdout[-2000:], out.stderr[-4000:])
+    _assert_default_output(out.stdout, out.stderr)
+    result = json.loads(result_file.read_text())
     listeners = result["listeners"]
 
     # not vacuous: the run trained with two workers (more when Ray Train started the group
     # anew: a placement group slow to come up on a loaded machine), and their process
     # group (rank 0's store, gloo's pairs) was seen listening; the hostname pointed away
     # from loopback, where gloo listens unless told otherwise
-    assert result["version"] and result["train_workers"] >= 2, result
+    assert result["train_workers"] >= 2, result
     group = [e for e in listeners if e["process_group"]]
     assert len(group) >= 2, listeners
     if address:

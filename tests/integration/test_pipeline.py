@@ -304,13 +304,14 @@ def test_warm_start_from_the_registered_champion(result, tmp_path):
     """`model.init_from` takes an MLflow model URI: training continues from the champion
     (its first loss is far below a fresh model's), and the training log has validation
     and data-wait records. The micro-batch is `auto`: the probe's choice (the worker's
-    whole share of the global batch, 32, on this CPU) is logged and trained with."""
+    whole share of the global batch, 32, on this CPU) is logged and trained with. In this
+    process (the local engine): the warm start is under test, not Ray Train."""
     from mlm.train import train
 
     name = result["registered"]["name"]
     sets = ["train.num_workers=1", "train.max_steps=4", "train.log_every=1", "train.checkpoint_every=4",
             "train.warmup_steps=1", "train.validate_every=4", "train.validate_batches=2",
-            "train.micro_batch_size=auto"]
+            "train.micro_batch_size=auto", "train.engine=local"]
     warm = train(result["data_dir"], tmp_path / "warm", load_config("tiny", sets + [f"model.init_from=models:/{name}@champion"]))
     assert warm["steps"] == 4
     log = [json.loads(line) for line in (tmp_path / "warm" / "train_log.jsonl").read_text().splitlines()]

@@ -70,7 +70,8 @@ def test_incremental_prepare_appends_only_new_files_and_dedups_across(ray_cluste
 
 def test_padded_dynamic_dataset_trains(ray_cluster, tmp_path):
     """`data.packing=pad` + `masking.mode=dynamic`: one document per row, unmasked train
-    rows; the training loop masks them (a short real Ray Train run)."""
+    rows; the training loop masks them (a short run of the loop in this process: the
+    local engine)."""
     from mlm.prepare import prepare
     from mlm.tokenizer import load_tokenizer
     from mlm.train import train
@@ -80,7 +81,7 @@ def test_padded_dynamic_dataset_trains(ray_cluster, tmp_path):
     cfg = load_config("tiny", ["tokenizer.vocab_size=1000", "data.packing=pad", "masking.mode=dynamic",
                                "masking.strategy=whole_word", "train.num_workers=1", "train.micro_batch_size=16",
                                "train.global_batch_size=16", "train.max_steps=12", "train.log_every=4",
-                               "train.checkpoint_every=12", "train.warmup_steps=2"])
+                               "train.checkpoint_every=12", "train.warmup_steps=2", "train.engine=local"])
     out = tmp_path / "data"
     m = prepare([str(src)], out, cfg).to_dict()
     ids, labels, n = _shards(out)

@@ -17,7 +17,9 @@ from mlm.config import load_config
 pytestmark = pytest.mark.integration
 
 NAME = "retrained"
-BASE = ["train.max_steps=40", "train.warmup_steps=4", "train.checkpoint_every=100", f"registry.model_name={NAME}"]
+# the local engine: retraining's logic is under test, not Ray Train (test_train_resume, test_jobs)
+BASE = ["train.max_steps=40", "train.warmup_steps=4", "train.checkpoint_every=100", f"registry.model_name={NAME}",
+        "train.engine=local"]
 
 
 def _summary(stdout: str) -> dict:
@@ -71,6 +73,17 @@ def test_two_triggers_at_once_give_one_run(first):
     assert done["status"] == "registered" and done["registered"]["alias"] == "champion"
     assert done["init"] == "scratch" and len(done["new_files"]) == 1
     assert _versions() == ["1"]
+    # trained in the retrain's own process (the local engine): the train stage's MLflow run
+    # has the loop's metrics and ended as finished, as a Ray Train worker leaves it
+    from mlm.registry import _client
+
+    client = _client()
+    version = client.get_model_version(NAME, "1")
+    parent = client.get_run(version.run_id).data.tags["mlflow.parentRunId"]
+    (train_run,) = client.search_runs([client.get_run(parent).info.experiment_id],
+                                      f"tags.mlflow.parentRunId = '{parent}' and tags.`mlm.stage` = 'train'")
+    assert train_run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(train_run.info.run_id, "train_loss")] == [20, 40]
 
 
 def test_no_new_data_does_nothing(first, corpus_dir, ray_cluster):
@@ -122,7 +135,7 @@ def test_retrain_keeps_the_champions_preset_and_name(first, corpus_dir, ray_clus
     from mlm.retrain import retrain, retrain_config
 
     name = f"{NAME}-small"
-    sets = ["train.use_gpu=false", "train.num_workers=1", "train.micro_batch_size=16", "train.global_batch_size=16",
+    sets = ["train.engine=local", "train.use_gpu=false", "train.num_workers=1", "train.micro_batch_size=16", "train.global_batch_size=16",
             "train.max_steps=3", "train.warmup_steps=1", "train.checkpoint_every=100", "tokenizer.vocab_size=2000",
             "model.hidden_size=96", "model.num_heads=3", "model.intermediate_size=192",
             f"registry.model_name={name}"]
@@ -135,7 +148,7 @@ def test_retrain_keeps_the_champions_preset_and_name(first, corpus_dir, ray_clus
     assert origin == f"the config of {name} v1 (champion)"
     assert again.registry.model_name == name and again.model.hidden_size == 96 and again.model.num_layers == 4
     assert again.train.micro_batch_size == 16 and again.tokenizer.vocab_size == 2000  # the champion's, not tiny's
-    assert again.train.max_steps == 3 and again.model.init_from is None
+    assert again.train.max_steps == 3 and again.model.init_from is None and again.train.engine == "local"
     result = retrain([str(corpus_dir / "corpus")], again)
     assert result["status"] == "registered" and result["registered"]["name"] == name
     assert result["registered"]["version"] == "2" and result["init"] == f"models:/{name}/1"

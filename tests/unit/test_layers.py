@@ -31,7 +31,8 @@ LAYERS = [
     "loader",     # deterministic, resumable training input
     "step",       # the training step: objective (compiled), AdamW, accumulation, micro-batch auto
     "process_group",  # the training workers' torch.distributed group, on the node's address
-    "train",      # Ray Train DDP loop and launch
+    "engine",     # where a training loop runs: Ray Train's workers or this process
+    "train",      # the training loop and the train stage
     "evaluate",   # held-out metrics (local or Ray Data)
     "report",     # what MLflow shows people: dataset input, curves figure, tables
     "registry",   # MLflow runs, registration, the gate, lifecycle
