@@ -213,12 +213,15 @@ PROBE_MARGIN = 0.05  # measured at 300 steps: pretrained 0.428 vs random-init 0.
 def pipeline_result(ray_cluster, work):
     """The pipeline with the probe in its evaluate stage (registry.probe=true): one run
     for the session, read by test_pipeline and test_serve (which registers its model
-    under a name of its own)."""
+    under a name of its own). It trains in this process (the local engine: the stages'
+    outputs are under test here; Ray Train's DDP, restarts and nodes in test_loopback,
+    test_train_resume and test_jobs); the global batches are those of two Ray Train
+    workers, so the model is theirs (measured: the same metrics to 1e-6)."""
     from mlm.config import load_config
     from mlm.pipeline import pretrain
 
     cfg = load_config("tiny", [f"train.max_steps={STEPS}", "train.warmup_steps=30", "train.checkpoint_every=150",
-                               "train.num_workers=2", "registry.probe=true"])
+                               "train.engine=local", "registry.probe=true"])
     return pretrain(["builtin:python-docs"], cfg)
 
 
