@@ -1,8 +1,9 @@
 """`mlm submit` / `mlm jobs` against a real two-node Ray cluster on loopback with token
 authentication on and no shared disk: the pipeline runs as a Ray job with its dataset
-and run on S3 (prepare -> train on both nodes -> evaluate -> register through the
-MLflow server), and the registered champion loads in a fresh process; a submission
-without the token is refused."""
+and run on S3 (prepare on both nodes -> train in the job's driver, `train.engine=local`
+-> evaluate -> register through the MLflow server), and the registered champion loads
+in a fresh process; a submission without the token is refused. Ray Train across the
+two nodes (DDP, checkpoints on S3, a worker lost and resumed) is test_train_resume's."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def submitted(ray_two_nodes, s3_server, tmp_path_factory):
     r = _mlm(["submit", "--address", ray_two_nodes.dashboard, "--submission-id", JOB_ID, "--working-dir", str(job_dir),
               "--tracking-uri", ray_two_nodes.mlflow, "--env", "MLM_DEBUG=1", "--follow",
               "pipeline", "--input", "corpus.jsonl", "--preset", "tiny", "--set", "train.max_steps=20",
-              "--set", "train.warmup_steps=2", "--set", "registry.model_name=submitted",
+              "--set", "train.warmup_steps=2", "--set", "registry.model_name=submitted", "--set", "train.engine=local",
               "--set", f"paths.data={s3_server.uri('job/data')}", "--set", f"paths.runs={s3_server.uri('job/runs')}"], env)
     return r, env, ray_two_nodes
 
@@ -67,7 +68,7 @@ def test_submitted_pipeline_finishes_and_registers(submitted, s3_server):
     assert len(data) == 1 and storage.is_file(s3_server.uri(f"job/data/{data[0]}/manifest.json"))
     runs = storage.list_names(s3_server.uri("job/runs"))
     assert len(runs) == 1
-    for part in ("model/config.json", "model/model.safetensors", "model/eval_results.json", "ray/train"):
+    for part in ("model/config.json", "model/model.safetensors", "model/eval_results.json", "checkpoints/train"):
         assert storage.exists(s3_server.uri(f"job/runs/{runs[0]}/{part}")), part
     assert not [n for n in storage.list_names(s3_server.uri(f"job/data/{data[0]}")) if n == ".inputs"]
 

@@ -1,18 +1,13 @@
 """The embedded Ray instance (no RAY_ADDRESS) listens on loopback only, and so does
 everything a pipeline run starts on it.
 
-A fresh driver process does what the CLI does before a Ray stage: `mlm.cli` and `ray`
-already imported (so Ray has read its environment), then `ensure_ray()` with the
-dashboard, as `mlm train` / `mlm pipeline run` start it. With tasks and an actor
-running it lists every listening TCP socket of itself and of all its descendants (GCS,
-raylet, dashboard, dashboard agent, runtime-env agent, monitor, every worker) and the
-test fails on any local address outside 127.0.0.0/8 and ::1.
-
-The second test runs a short `mlm pipeline run` (prepare -> train with 2 workers ->
+The test runs a short `mlm pipeline run` (prepare -> train with 2 workers ->
 evaluate -> register; the CLI's own `main` in such a driver, on the embedded default
 Ray, progress on as for a user) while a thread samples the listeners of its process
-tree the whole time: training adds the workers' torch.distributed process group (rank
-0's rendezvous store, each worker's gloo listener), which must stay on loopback too.
+tree the whole time (GCS, raylet, dashboard, dashboard agent, runtime-env agent,
+every worker and actor) and fails on any local address outside 127.0.0.0/8 and ::1:
+training adds the workers' torch.distributed process group (rank 0's rendezvous store,
+each worker's gloo listener), which must stay on loopback too.
 The same run's output is the default run's as a user sees it: a short summary on
 stdout, under 40 lines in all, every one of them mlm's (none of Ray's).
 """
@@ -29,75 +24,6 @@ import pytest
 from conftest import MLM_LINE, nonblank
 
 pytestmark = pytest.mark.integration
-
-DRIVER = r"""
-import json, os, sys, time
-
-import mlm.cli  # noqa: F401  (the CLI's imports come first)
-import ray      # imported before ensure_ray: Ray has read its environment by now
-import psutil
-
-from mlm.runtime import ensure_ray
-
-ensure_ray()  # dashboard on, as for train / pipeline run
-
-
-@ray.remote
-def task():
-    return os.getpid()
-
-
-@ray.remote
-class Actor:
-    def pid(self):
-        return os.getpid()
-
-
-actor = Actor.remote()
-ray.get([task.remote() for _ in range(2)] + [actor.pid.remote()])
-
-me = psutil.Process()
-expected = ("gcs_server", "raylet", "DashboardAgent", "RuntimeEnvAgent", "dashboard.py", "ray::")
-
-
-def listeners():
-    procs = {me.pid: me}
-    for child in me.children(recursive=True):
-        procs[child.pid] = child
-    found = {}
-    for conn in psutil.net_connections(kind="inet"):
-        if conn.status == psutil.CONN_LISTEN and conn.pid in procs:
-            try:
-                name = " ".join(procs[conn.pid].cmdline())[:160]
-            except psutil.Error:
-                name = "?"
-            found[(conn.laddr.ip, conn.laddr.port)] = {"pid": conn.pid, "ip": conn.laddr.ip,
-                                                     "port": conn.laddr.port, "process": name}
-    return found
-
-
-# Agents and the dashboard may still be binding when ray.init returns: sample until
-# every kind of process has a listener (or 20 s), keeping the union.
-seen, deadline = {}, time.time() + 20
-while True:
-    seen.update(listeners())
-    names = " ".join(entry["process"] for entry in seen.values())
-    if all(kind in names for kind in expected) or time.time() > deadline:
-        break
-    time.sleep(0.5)
-
-from ray._private import ray_constants
-
-print("RESULT " + json.dumps({
-    "listeners": list(seen.values()),
-    "node_addresses": [n["NodeManagerAddress"] for n in ray.nodes()],
-    "flag_after": ray_constants.ENABLE_RAY_CLUSTER,
-    "env_after": os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"),
-}))
-sys.stdout.flush()
-ray.shutdown()
-"""
-
 
 def _is_loopback(ip: str) -> bool:
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
@@ -124,31 +50,6 @@ def test_loopback_interface_of_any_loopback_address():
     assert _interface_of("203.0.113.7") is None  # TEST-NET-3: on no interface
 
 
-def test_embedded_ray_listens_on_loopback_only(tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    env.update(MLM_HOME=str(tmp_path / "home"), MLM_PROGRESS="0")
-    out = subprocess.run([sys.executable, "-c", DRIVER], capture_output=True, text=True, env=env,
-                         cwd=tmp_path, timeout=150)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert out.returncode == 0 and lines, (out.returncode, out.stdout[-2000:], out.stderr[-4000:])
-    result = json.loads(lines[-1][len("RESULT "):])
-    listeners = result["listeners"]
-
-    # not vacuous: the listeners of every kind of Ray process were seen
-    names = " ".join(entry["process"] for entry in listeners)
-    for kind in ("gcs_server", "raylet", "DashboardAgent", "RuntimeEnvAgent", "dashboard.py", "ray::"):
-        assert kind in names, (kind, listeners)
-
-    exposed = [entry for entry in listeners if not _is_loopback(entry["ip"])]
-    assert not exposed, "listening beyond loopback:\n" + "\n".join(
-        f"  {e['ip']}:{e['port']}  pid {e['pid']}  {e['process']}" for e in exposed)
-    assert all(_is_loopback(ip) for ip in result["node_addresses"]), result["node_addresses"]
-    # the switch is not left on in the driver (a later RAY_ADDRESS connection or
-    # `ray start` from this process must see Ray's defaults)
-    assert result["flag_after"] is True and result["env_after"] is None, result
-
-
 PIPELINE_DRIVER = r"""
 import json, os, socket, sys, threading, time
 
@@ -156,8 +57,9 @@ if os.environ.get("MLM_TEST_HOSTNAME"):  # in a UTS namespace of its own (see _l
     socket.sethostname(os.environ["MLM_TEST_HOSTNAME"])
 
 import mlm.cli  # (the CLI's imports come first)
-import ray
+import ray      # imported before the run: Ray has read its environment by now
 import psutil
+from ray._private import ray_constants
 
 me = psutil.Process()
 seen, workers, samples = {}, set(), [0]
@@ -219,6 +121,9 @@ sample()  # after the run: what is still up
 with open(result_file, "w") as f:
     json.dump({
         "listeners": list(seen.values()),
+        "node_addresses": [n["NodeManagerAddress"] for n in ray.nodes()],  # the CLI leaves its Ray up
+        "flag_after": ray_constants.ENABLE_RAY_CLUSTER,
+        "env_after": os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"),
         "train_workers": len(workers),
         "samples": samples[0],
         "hostname_address": socket.gethostbyname(socket.gethostname()),
@@ -302,6 +207,9 @@ def test_pipeline_run_listens_on_loopback_only(tmp_path):
     # group (rank 0's store, gloo's pairs) was seen listening; the hostname pointed away
     # from loopback, where gloo listens unless told otherwise
     assert result["train_workers"] >= 2, result
+    names = " ".join(entry["process"] for entry in listeners)
+    for kind in ("gcs_server", "raylet", "DashboardAgent", "RuntimeEnvAgent", "dashboard.py", "ray::"):
+        assert kind in names, (kind, listeners)
     group = [e for e in listeners if e["process_group"]]
     assert len(group) >= 2, listeners
     if address:
@@ -311,3 +219,7 @@ def test_pipeline_run_listens_on_loopback_only(tmp_path):
     assert not exposed, "listening beyond loopback:\n" + "\n".join(
         f"  {e['ip']}:{e['port']}  pid {e['pid']}  {e['process']}" + ("  (process group)" if e["process_group"] else "")
         for e in exposed)
+    assert all(_is_loopback(ip) for ip in result["node_addresses"]), result["node_addresses"]
+    # the switch is not left on in the driver (a later RAY_ADDRESS connection or
+    # `ray start` from this process must see Ray's defaults)
+    assert result["flag_after"] is True and result["env_after"] is None, result

@@ -375,27 +375,30 @@ def test_onnx_export_matches_pytorch_on_the_evaluation_set(result, work, tmp_pat
 
 def test_batch_predict_with_ray_data(result, work, tmp_path, ray_address):
     """`mlm predict`: fill-mask and embeddings over a file, answers in input order; the
-    command joins the session's Ray cluster through RAY_ADDRESS, as on a user's cluster."""
+    fill-mask command runs as a user runs it, joining the session's Ray cluster through
+    RAY_ADDRESS; the embeddings come from the same function in this process."""
+    from mlm.predict import predict_file
+
     src = tmp_path / "in.txt"
     lines = [f"the [MASK] value number {i}." for i in range(150)] + ["no mask here"]
     src.write_text("\n".join(lines) + "\n")
-    env = {**_env(work), "MLM_PROGRESS": "0", "RAY_ADDRESS": ray_address}
+    env = {**_env(work), "MLM_PROGRESS": "0", "RAY_ADDRESS": ray_address, "PYTHONWARNINGS": "always"}
     uri = f"models:/{result['registered']['name']}/{result['registered']['version']}"  # resolved by each actor
-    for task, model in (("fill-mask", uri), ("embed", result["model_dir"])):
-        out = tmp_path / f"{task}.jsonl"
-        run = subprocess.run(["mlm", "predict", "--input", str(src), "--out", str(out), "--task", task,
-                              "--model", model, "--top-k", "2"], capture_output=True, text=True,
-                             env={**env, "PYTHONWARNINGS": "always"}, timeout=600)
-        assert run.returncode == 0, run.stderr[-2000:]
-        assert "local://" not in run.stderr  # Ray Data's deprecated scheme (removed after January 2027) is not used
-        records = [json.loads(line) for line in out.read_text().splitlines()]
-        assert [r["text"] for r in records] == lines
-        summary = json.loads(run.stdout[run.stdout.index("{"):])
-        assert (summary["lines"], summary["errors"]) == (151, 1 if task == "fill-mask" else 0)
-        if task == "fill-mask":
-            assert all(len(r["masks"][0]) == 2 for r in records[:150]) and "no [MASK]" in records[150]["error"]
-        else:
-            assert {len(r["embedding"]) for r in records} == {128}
+    out = tmp_path / "fill-mask.jsonl"
+    run = subprocess.run(["mlm", "predict", "--input", str(src), "--out", str(out), "--task", "fill-mask",
+                          "--model", uri, "--top-k", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "local://" not in run.stderr  # Ray Data's deprecated scheme (removed after January 2027) is not used
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["text"] for r in records] == lines
+    summary = json.loads(run.stdout[run.stdout.index("{"):])
+    assert (summary["lines"], summary["errors"]) == (151, 1)
+    assert all(len(r["masks"][0]) == 2 for r in records[:150]) and "no [MASK]" in records[150]["error"]
+
+    embedded = predict_file(result["model_dir"], str(src), str(tmp_path / "embed.jsonl"), "embed")
+    records = [json.loads(line) for line in (tmp_path / "embed.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in records] == lines and (embedded["lines"], embedded["errors"]) == (151, 0)
+    assert {len(r["embedding"]) for r in records} == {128}
 
 
 GPU_CLUSTER = r"""
@@ -444,20 +447,20 @@ def test_inference_stages_ask_ray_for_gpus(result, work, tmp_path):
 def test_evaluation_as_ray_data_batch_inference_equals_local(result, work):
     """The evaluation set scored as Ray Data batch inference (one model per actor, sums
     gathered in the driver) gives the local engine's metrics; the model is given as its
-    registry URI, resolved by each actor."""
+    registry URI, resolved by each actor. `auto` picks Ray from `ray_min_rows` rows
+    (`engine="ray"` itself: test_inference_stages_ask_ray_for_gpus)."""
     from mlm.evaluate import evaluate
 
     uri = f"models:/{result['registered']['name']}/{result['registered']['version']}"
     local = evaluate(result["model_dir"], result["data_dir"], batch_size=32, engine="local")
-    on_ray = evaluate(uri, result["data_dir"], batch_size=32, engine="ray")
-    auto = evaluate(result["model_dir"], result["data_dir"], batch_size=32, engine="auto", ray_min_rows=1)
-    assert local["engine"] == "local" and on_ray["engine"] == "ray" == auto["engine"]
-    for metrics in (on_ray, auto):
-        assert metrics["masked_tokens"] == local["masked_tokens"] > 1000
-        for key in ("top1_accuracy", "top5_accuracy", "whole_word_top1_accuracy", "span_top1_accuracy"):
-            assert metrics[key] == local[key], key  # counts: exactly equal
-        for key in ("loss", "whole_word_loss", "span_loss"):
-            assert abs(metrics[key] - local[key]) < 1e-6, key  # float sums in another order
+    on_ray = evaluate(uri, result["data_dir"], batch_size=32, engine="auto", ray_min_rows=1)
+    stays = evaluate(result["model_dir"], result["data_dir"], batch_size=32, max_batches=1, engine="auto")
+    assert local["engine"] == "local" == stays["engine"] and on_ray["engine"] == "ray"
+    assert on_ray["masked_tokens"] == local["masked_tokens"] > 1000
+    for key in ("top1_accuracy", "top5_accuracy", "whole_word_top1_accuracy", "span_top1_accuracy"):
+        assert on_ray[key] == local[key], key  # counts: exactly equal
+    for key in ("loss", "whole_word_loss", "span_loss"):
+        assert abs(on_ray[key] - local[key]) < 1e-6, key  # float sums in another order
     assert local["top1_accuracy"] > local["baseline_top1_accuracy"]
 
 

@@ -188,8 +188,8 @@ def test_killed_worker_on_second_node_resumes_from_s3(data_dir, uninterrupted, r
 def test_local_engine_resumes_from_its_last_checkpoint_on_s3(data_dir, s3_server, tmp_path, work):
     """`train.engine: local` (one worker in this process, no Ray Train) commits its
     checkpoints to the run folder, here on S3; a rerun with the same folder resumes from
-    the last one (the final one removed, as if the run died after step 24) and ends with
-    the weights of an uninterrupted run, having logged only steps 25-36 again."""
+    the last one (the final one removed, as if the run died after step 8) and ends with
+    the weights of an uninterrupted run, having logged only steps 9-12 again."""
     import torch
     from safetensors.torch import load_file
 
@@ -197,24 +197,25 @@ def test_local_engine_resumes_from_its_last_checkpoint_on_s3(data_dir, s3_server
     from mlm.registry import _client, setup
     from mlm.train import train
 
-    cfg = load_config("tiny", SETS + ["train.engine=local"])
+    cfg = load_config("tiny", SETS + ["train.engine=local", "train.max_steps=12", "train.checkpoint_every=4",
+                                      "train.validate_every=4"])
     straight = train(data_dir, tmp_path / "straight", cfg)
-    assert straight["steps"] == 36 and straight["checkpoint"].endswith("checkpoint_000000036")
+    assert straight["steps"] == 12 and straight["checkpoint"].endswith("checkpoint_000000012")
 
     run = s3_server.uri("local-engine/run")
     client = _client()
     run_id = client.create_run(setup("resume-local-engine")).info.run_id
     first = train(data_dir, run, cfg, mlflow_run_id=run_id)
     folder = f"{run}/checkpoints/train"
-    assert first["checkpoint"] == f"{folder}/checkpoint_000000036"
-    assert storage.list_names(folder) == ["checkpoint_000000024", "checkpoint_000000036"]  # keep_checkpoints=2
+    assert first["checkpoint"] == f"{folder}/checkpoint_000000012"
+    assert storage.list_names(folder) == ["checkpoint_000000008", "checkpoint_000000012"]  # keep_checkpoints=2
     storage.delete(first["checkpoint"])
     storage.delete(f"{run}/model")
     again = train(data_dir, run, cfg, mlflow_run_id=run_id)
-    assert again["steps"] == 36
+    assert again["steps"] == 12
 
     steps = [m.step for m in sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: m.timestamp)]
-    assert steps == list(range(1, 37)) + list(range(25, 37)), steps
+    assert steps == list(range(1, 13)) + list(range(9, 13)), steps
     with storage.local_dir(f"{run}/model") as resumed:
         got = load_file(f"{resumed}/model.safetensors")
     want = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
