@@ -6,6 +6,26 @@ import os
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two pytest workers share the machine's cores: one torch/OpenMP thread per process
+    # (and per CLI subprocess, by environment), not one per core each, whose spinning
+    # OpenMP threads would take the other worker's cores. Ray's workers get 1 already.
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """A module's tests stay together on one pytest worker (module fixtures, and tests
+    that build on the one before); integration modules sharing a session fixture name a
+    group of their own (`xdist_group`: `pipeline`, `cluster`)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
 
 @pytest.fixture(scope="session")
 def work(tmp_path_factory):

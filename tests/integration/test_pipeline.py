@@ -12,7 +12,7 @@ import pytest
 
 from mlm.config import load_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("pipeline")]  # one worker: its session fixtures once
 
 from conftest import PROBE_MARGIN, STEPS  # noqa: E402
 

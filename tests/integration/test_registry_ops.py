@@ -27,7 +27,7 @@ import pytest
 
 from mlm.config import TokenizerConfig, load_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("cluster")]  # one worker: its session fixtures once
 
 NAME = "lifecycle"
 REPO = Path(__file__).resolve().parents[2]

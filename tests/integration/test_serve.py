@@ -22,7 +22,7 @@ import pytest
 
 from mlm.config import load_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("pipeline")]  # one worker: its session fixtures once
 
 NAME = "mlm-serve-test"  # its own registered model: promotions here never touch other tests' champions
 TOKEN = "tok-" + secrets.token_hex(16)

@@ -19,7 +19,7 @@ import pytest
 
 from mlm.config import load_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("cluster")]  # one worker: its session fixtures once
 
 SETS = ["tokenizer.vocab_size=1000", "train.num_workers=2", "train.micro_batch_size=8", "train.global_batch_size=32",
         "train.max_steps=36", "train.checkpoint_every=12", "train.log_every=1", "train.warmup_steps=4",

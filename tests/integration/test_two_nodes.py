@@ -14,7 +14,7 @@ import pytest
 from mlm.config import load_config
 from mlm.shards import read_manifest, verify
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("cluster")]  # one worker: its session fixtures once
 
 
 def _shard_hashes(out):

@@ -480,12 +480,12 @@ STUB_CURL = "#!/bin/sh\nexit 0\n"
 # The server stub records its argv and environment, then stays up like a server.
 STUB_MLFLOW = """#!/bin/sh
 printf '%s\\n' "$@" > "$STUB_LOG/mlflow.args"
-env > "$STUB_LOG/mlflow.env"
+env > "$STUB_LOG/mlflow.env.part" && mv "$STUB_LOG/mlflow.env.part" "$STUB_LOG/mlflow.env"  # whole when seen
 exec sleep 300
 """
 STUB_RAY = """#!/bin/sh
 printf '%s\\n' "$@" > "$STUB_LOG/ray.args"
-env > "$STUB_LOG/ray.env"
+env > "$STUB_LOG/ray.env.part" && mv "$STUB_LOG/ray.env.part" "$STUB_LOG/ray.env"
 """
 # `sudo -u postgres psql ...` (the head-local PostgreSQL) and `dpkg -s`: record, answer 0
 # (or $STUB_SUDO_RC / $STUB_DPKG_RC).
@@ -561,7 +561,7 @@ class Sandbox:
                 pass
 
 
-def _wait_for(path: Path, timeout_s: float = 10.0) -> None:
+def _wait_for(path: Path, timeout_s: float = 60.0) -> None:
     deadline = time.time() + timeout_s
     while not path.exists() and time.time() < deadline:
         time.sleep(0.05)
