@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from mlm import storage
-from mlm.config import Config
+from mlm.config import Config, ConfigError
 
 CHECKPOINT_MODEL = "model"
 CHECKPOINT_STATE = "train_state.pt"
@@ -221,7 +221,7 @@ def local_device(cfg: Config):
     if not cfg.train.use_gpu:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("train.use_gpu with train.engine local needs a GPU on this machine")
+        raise ConfigError("train.use_gpu=true with train.engine=local needs a GPU on this machine; torch sees none")
     return torch.device("cuda", 0)
 
 
